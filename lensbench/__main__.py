@@ -1,0 +1,5 @@
+import sys
+
+from lensbench.cli import main
+
+sys.exit(main())

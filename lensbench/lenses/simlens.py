@@ -1,0 +1,366 @@
+"""SimLens and its slot ablations (METHOD.md), in two formulations that must agree:
+
+- the reference, as TransformerLens hook functions: a forward pass over the two tokens
+  `[x_0, x_{T-1}]` with a hook on the readout point's hook that writes the slot residuals
+  (`simlens_logits_hooked`), and the equivalent `model(z, start_at_layer=l)` loop
+  (`simlens_logits_naive`);
+- a fast path for evaluation (`continue_slots`): the `[s]`/`[a]` pairs of every readout point
+  of a batch run through the upper blocks together, each block once over all pairs that
+  still need it.
+
+Slot sources (`SlotSource`): `self`, `drop`, `position:P`, `token:T`, `layer:K`, `example:J`,
+`swap[:SEED]` (a seeded cross-example derangement), `mean`, `zero`. An ablation gives a source
+to each slot; readout is at the last remaining slot.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from lensbench.errors import LensbenchError
+from lensbench.lenses.base import Lens, LensBatch, LensOutput, RunContext
+from lensbench.readout import (
+    ReadoutPoint,
+    SlotResiduals,
+    block_device,
+    collect_slots,
+    rotary_positions,
+    unembed,
+)
+
+POSITION_MODES = ("consecutive", "original")
+SOURCE_KINDS = ("self", "drop", "position", "token", "layer", "example", "swap", "mean", "zero")
+
+
+@dataclass(frozen=True)
+class SlotSource:
+    """Where a slot's residual comes from."""
+
+    kind: str = "self"
+    arg: object = None
+
+    def __str__(self) -> str:
+        if self.kind == "token":
+            return f"token:{json.dumps(self.arg)}"
+        if self.kind == "swap":
+            return "swap" if self.arg == 0 else f"swap:{self.arg}"
+        return self.kind if self.arg is None else f"{self.kind}:{self.arg}"
+
+
+SELF = SlotSource()
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """A source for each SimLens slot; `Ablation()` is plain SimLens."""
+
+    s: SlotSource = SELF
+    a: SlotSource = SELF
+
+    def __post_init__(self):
+        if self.s.kind == "drop" and self.a.kind == "drop":
+            raise LensbenchError("an ablation cannot drop both [s] and [a]")
+
+    @property
+    def label(self) -> str:
+        if self == Ablation(SlotSource("drop"), SELF):
+            return "drop-s"
+        if self == Ablation(SELF, SlotSource("drop")):
+            return "drop-a"
+        parts = [f"{slot}={src}" for slot, src in (("s", self.s), ("a", self.a)) if src != SELF]
+        return "+".join(parts) or "none"
+
+    @property
+    def slots(self) -> list[tuple[str, SlotSource]]:
+        """The slots that remain, in sequence order (`[s]` first)."""
+        return [(slot, src) for slot, src in (("s", self.s), ("a", self.a)) if src.kind != "drop"]
+
+
+def parse_source(text: str) -> SlotSource:
+    kind, sep, arg = text.strip().partition(":")
+    kind = kind.strip()
+    if kind not in SOURCE_KINDS:
+        raise LensbenchError(f"unknown slot source '{text}' (expected one of {', '.join(SOURCE_KINDS)})")
+    if kind in ("self", "drop", "mean", "zero"):
+        if sep:
+            raise LensbenchError(f"slot source '{kind}' takes no argument (got '{text}')")
+        return SlotSource(kind)
+    if kind == "token":
+        if not arg:
+            raise LensbenchError('token source needs a token, e.g. s=token:" the"')
+        if arg.startswith('"'):
+            try:
+                arg = json.loads(arg)
+            except json.JSONDecodeError:
+                raise LensbenchError(f"bad quoted token in '{text}'") from None
+        return SlotSource("token", arg)
+    if kind == "swap" and not sep:
+        return SlotSource("swap", 0)
+    try:
+        value = int(arg)
+    except ValueError:
+        raise LensbenchError(f"slot source '{kind}' needs an integer argument (got '{text}')") from None
+    if kind in ("layer", "example", "swap") and value < 0:
+        raise LensbenchError(f"slot source '{text}' needs a non-negative integer")
+    return SlotSource(kind, value)
+
+
+def parse_ablation(text: str) -> Ablation:
+    """`drop-s`, `drop-a`, `swap-a`, `swap-s`, or `s=SRC`, `a=SRC`, `s=SRC+a=SRC`."""
+    text = text.strip()
+    aliases = {"drop-s": "s=drop", "drop-a": "a=drop", "swap-a": "a=swap", "swap-s": "s=swap"}
+    text = aliases.get(text, text)
+    sources = {}
+    for part in text.split("+"):
+        slot, sep, src = part.partition("=")
+        slot = slot.strip()
+        if not sep or slot not in ("s", "a"):
+            raise LensbenchError(
+                f"bad ablation '{part}': expected drop-s, drop-a, swap-a, swap-s or s=SOURCE / a=SOURCE joined by '+'"
+            )
+        if slot in sources:
+            raise LensbenchError(f"ablation '{text}' sets slot {slot} twice")
+        sources[slot] = parse_source(src)
+    return Ablation(sources.get("s", SELF), sources.get("a", SELF))
+
+
+def parse_ablations(text: str) -> list[Ablation]:
+    """A comma-separated list; double quotes protect commas inside a token, as in CSV."""
+    fields, current, quoted = [], "", False
+    for char in text:
+        if char == '"':
+            quoted = not quoted
+        if char == "," and not quoted:
+            fields.append(current)
+            current = ""
+        else:
+            current += char
+    if quoted:
+        raise LensbenchError(f"unbalanced double quote in ablations '{text}'")
+    fields.append(current)
+    return [parse_ablation(f) for f in fields if f.strip()]
+
+
+# --- the reference: TransformerLens hooks ---------------------------------------------------
+
+
+def replace_residual_hook(z: Float[Tensor, "batch slot d_model"]):
+    """A hook function that replaces a residual activation by `z` (the SimLens input)."""
+
+    def hook(activation, hook):
+        return z.to(device=activation.device, dtype=activation.dtype)
+
+    return hook
+
+
+def simlens_logits_hooked(
+    model,
+    z: Float[Tensor, "batch slot d_model"],
+    point: ReadoutPoint,
+    tokens: Int[Tensor, "batch slot"] | None = None,
+    position_ids: Int[Tensor, "batch slot"] | None = None,
+) -> Float[Tensor, "batch d_vocab"]:
+    """SimLens at `point`, the reference way: run the slot tokens with a hook at
+    `point.hook_name` that writes `z`, and read out the last slot."""
+    if tokens is None:  # the tokens are overwritten at the hook; only their count matters
+        tokens = torch.zeros(z.shape[:2], dtype=torch.long, device=z.device)
+    with torch.inference_mode(), rotary_positions(model, position_ids):
+        logits = model.run_with_hooks(tokens, fwd_hooks=[(point.hook_name, replace_residual_hook(z))])
+    return logits[:, -1].float()
+
+
+def simlens_logits_naive(
+    model, z: Float[Tensor, "batch slot d_model"], point: ReadoutPoint
+) -> Float[Tensor, "batch d_vocab"]:
+    """SimLens at a `pre` point as `model(z, start_at_layer=l)` (consecutive positions)."""
+    if point.site != "pre":
+        raise LensbenchError("the start_at_layer formulation only covers resid_pre points")
+    with torch.inference_mode():
+        if point.is_final:
+            return unembed(model, z[:, -1])
+        return model(z, start_at_layer=point.layer)[:, -1].float()
+
+
+# --- the fast path --------------------------------------------------------------------------
+
+
+def _mlp_half(model, k: int, z: Float[Tensor, "n slot d_model"]) -> Float[Tensor, "n slot d_model"]:
+    """Finish block k from its `hook_resid_mid` (attention is computed on `z` and discarded)."""
+    with model.hooks(fwd_hooks=[(f"blocks.{k}.hook_resid_mid", replace_residual_hook(z))]):
+        return model.blocks[k](z)
+
+
+def continue_slots(
+    model,
+    z: Float[Tensor, "n slot d_model"],
+    starts: list[ReadoutPoint],
+    position_ids: Int[Tensor, "n slot"] | None = None,
+    capture_attention: bool = False,
+) -> tuple[Float[Tensor, "n d_model"], Float[Tensor, "n block head"] | None]:
+    """Continue each short sequence `z[i]` from readout point `starts[i]` to the last block.
+
+    Sequences join the running batch at their start block, so block k runs once over every
+    sequence that needs it. Returns the final residual at the last slot, and optionally the
+    attention the last slot pays to the first in every block (NaN where not run).
+    """
+    n, n_slots, _ = z.shape
+    n_layers = model.cfg.n_layers
+    attention = None
+    if capture_attention and n_slots == 2:
+        attention = torch.full((n, n_layers, model.cfg.n_heads), float("nan"), device=z.device)
+    out = torch.empty(n, z.shape[-1], dtype=z.dtype, device=z.device)
+    joining_pre: dict[int, list[int]] = {}
+    joining_mid: dict[int, list[int]] = {}
+    for i, point in enumerate(starts):
+        if point.is_final:
+            out[i] = z[i, -1]
+        elif point.site == "mid":
+            joining_mid.setdefault(point.layer, []).append(i)
+        else:
+            joining_pre.setdefault(point.layer, []).append(i)
+
+    active_ids: list[int] = []
+    active: Tensor | None = None
+    current: dict[str, Tensor] = {}
+
+    def pattern_hook(pattern, hook, k):
+        current["pattern"] = pattern[:, :, 1, 0].float()
+
+    with torch.inference_mode():
+        for k in range(n_layers):
+            device = block_device(model, k)
+            if k in joining_pre:
+                new = z[joining_pre[k]].to(device)
+                active = new if active is None else torch.cat([active.to(device), new])
+                active_ids += joining_pre[k]
+            if active is not None:
+                active = active.to(device)
+                ids = torch.tensor(active_ids, device=z.device)
+                positions = None if position_ids is None else position_ids[ids]
+                hooks = [(f"blocks.{k}.attn.hook_pattern", partial(pattern_hook, k=k))] if attention is not None else []
+                with rotary_positions(model, positions, range(k, k + 1)), model.hooks(fwd_hooks=hooks):
+                    active = model.blocks[k](active)
+                if attention is not None:
+                    attention[ids, k] = current.pop("pattern").to(z.device)
+            if k in joining_mid:
+                ids_mid = joining_mid[k]
+                positions = None if position_ids is None else position_ids[ids_mid]
+                with rotary_positions(model, positions, range(k, k + 1)):
+                    new = _mlp_half(model, k, z[ids_mid].to(device))
+                active = new if active is None else torch.cat([active, new])
+                active_ids += ids_mid
+        if active is not None:
+            out[torch.tensor(active_ids, device=z.device)] = active[:, -1].to(z.device)
+    return out, attention
+
+
+# --- the lens -------------------------------------------------------------------------------
+
+
+class SimLens(Lens):
+    """SimLens, optionally with an ablation of its `[s]`/`[a]` slots."""
+
+    def __init__(self, ablation: Ablation = Ablation(), positions: str = "consecutive", capture_attention: bool = True):
+        if positions not in POSITION_MODES:
+            raise LensbenchError(f"unknown continuation positions '{positions}' (expected consecutive or original)")
+        self.ablation = ablation
+        self.positions = positions
+        self.capture_attention = capture_attention and ablation == Ablation()
+        self.name = "simlens" if ablation == Ablation() else f"simlens[{ablation.label}]"
+        self._token_resid: dict[str, Tensor] = {}
+        self._means = None
+        self._donor: dict[int, int] = {}
+        self._ctx: RunContext | None = None
+
+    def extra_positions(self) -> tuple[int, ...]:
+        return tuple(src.arg for _, src in self.ablation.slots if src.kind == "position")
+
+    def prepare(self, ctx: RunContext) -> None:
+        self._ctx = ctx
+        tokenizer = ctx.model.tokenizer
+        for slot, src in self.ablation.slots:
+            if src.kind == "token" and src.arg not in self._token_resid:
+                ids = tokenizer.encode(src.arg, add_special_tokens=False)
+                if len(ids) != 1:
+                    raise LensbenchError(f"token source {src.arg!r} is {len(ids)} tokens for this tokenizer; it must be one")
+                tokens = torch.tensor([ids], device=ctx.model.cfg.device)
+                slots = collect_slots(ctx.model, tokens, torch.tensor([1], device=tokens.device), ctx.points)
+                self._token_resid[src.arg] = slots.s[:, 0]
+            if src.kind == "layer" and src.arg > ctx.model.cfg.n_layers:
+                raise LensbenchError(f"slot source layer:{src.arg} is beyond the model's {ctx.model.cfg.n_layers} layers")
+            if src.kind == "example" and src.arg not in ctx.examples:
+                raise LensbenchError(f"slot source example:{src.arg} is not an example of this run (indices 0..{max(ctx.examples)})")
+            if src.kind == "mean":
+                self._means = ctx.slot_means()
+            if src.kind == "swap":
+                order = sorted(ctx.examples)
+                generator = torch.Generator().manual_seed(int(src.arg))
+                perm = [order[i] for i in torch.randperm(len(order), generator=generator).tolist()]
+                # A cyclic shift of a random order: a derangement, so no example is its own donor.
+                self._donor = {perm[i]: perm[(i + 1) % len(perm)] for i in range(len(perm))}
+
+    def donors(self, example_indices: list[int]) -> list[int]:
+        fixed = [src.arg for _, src in self.ablation.slots if src.kind == "example"]
+        return [self._donor[i] for i in example_indices if i in self._donor] + fixed
+
+    def donor_of(self, example_index: int) -> int | None:
+        """The swap donor of an example (None without a swap)."""
+        return self._donor.get(example_index)
+
+    def _source_values(self, slot: str, src: SlotSource, batch: LensBatch) -> Float[Tensor, "point primary d_model"]:
+        slots, b = batch.slots, batch.n_primary
+        own = slots.s if slot == "s" else slots.a
+        n_points, _, d_model = own.shape
+        if src.kind == "self":
+            return own[:, :b]
+        if src.kind == "position":
+            return slots.extra[src.arg][:, :b]
+        if src.kind == "token":
+            return self._token_resid[src.arg][:, None, :].expand(n_points, b, d_model)
+        if src.kind == "layer":
+            index = next(i for i, p in enumerate(slots.points) if p.layer == src.arg)
+            return own[index : index + 1, :b].expand(n_points, b, d_model)
+        if src.kind in ("example", "swap"):
+            primary = batch.example_index[:b].tolist()
+            donors = [src.arg] * b if src.kind == "example" else [self._donor[i] for i in primary]
+            return own[:, batch.row_of(torch.tensor(donors))]
+        if src.kind == "mean":
+            mean = self._means[0] if slot == "s" else self._means[1]
+            return mean[:, None, :].expand(n_points, b, d_model).to(own.device)
+        if src.kind == "zero":
+            return torch.zeros(n_points, b, d_model, dtype=own.dtype, device=own.device)
+        raise AssertionError(src.kind)
+
+    def inputs(self, batch: LensBatch) -> tuple[Float[Tensor, "point primary slot d_model"], Int[Tensor, "point primary slot"] | None]:
+        """The SimLens input sequences `z` for every (point, example), and their positions."""
+        values = [self._source_values(slot, src, batch) for slot, src in self.ablation.slots]
+        z = torch.stack(values, dim=2)
+        if self.positions == "consecutive":
+            return z, None
+        lengths = batch.slots.lengths[: batch.n_primary]
+        pos = [torch.zeros_like(lengths) if slot == "s" else lengths - 1 for slot, _ in self.ablation.slots]
+        position_ids = torch.stack(pos, dim=1)[None].expand(z.shape[0], -1, -1)
+        return z, position_ids
+
+    def final_residuals(self, batch: LensBatch) -> LensOutput:
+        z, position_ids = self.inputs(batch)
+        n_points, b, n_slots, d_model = z.shape
+        starts = [p for p in batch.slots.points for _ in range(b)]
+        flat_pos = None if position_ids is None else position_ids.reshape(n_points * b, n_slots)
+        resid, attention = continue_slots(
+            batch.model, z.reshape(n_points * b, n_slots, d_model), starts, flat_pos, self.capture_attention
+        )
+        attention = None if attention is None else attention.reshape(n_points, b, *attention.shape[1:])
+        return LensOutput(resid.reshape(n_points, b, d_model), attention)
+
+    def logits_hooked(self, batch: LensBatch, point_index: int) -> Float[Tensor, "primary d_vocab"]:
+        """The reference formulation at one readout point, for the same batch."""
+        z, position_ids = self.inputs(batch)
+        pos = None if position_ids is None else position_ids[point_index]
+        return simlens_logits_hooked(batch.model, z[point_index], batch.slots.points[point_index], position_ids=pos)

