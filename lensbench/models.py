@@ -203,7 +203,9 @@ def shipped_gguf_path(name: str) -> Path:
 
 def _convert_to_cache(source: Path, kind: str, sha: str, n_ctx: int) -> Path:
     """Convert a GGUF or transformers folder into a cached TransformerLens checkpoint."""
-    target = cache_root() / "models" / f"{source.stem}-{sha[:16]}-ctx{n_ctx}"
+    # A neutral folder name: TransformerLens picks some architectures from the path's words
+    # ("llama", "gemma-3"), which would bypass the config we saved.
+    target = cache_root() / "models" / f"m-{sha[:16]}-ctx{n_ctx}"
     if (target / "meta.json").exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -226,7 +228,6 @@ def _convert_to_cache(source: Path, kind: str, sha: str, n_ctx: int) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
-        # A neutral folder name: TransformerLens picks some architectures from the name.
         hf_dir = staging / "hfconfig"
         hf_config.save_pretrained(hf_dir)
         tokenizer.save_pretrained(staging / "tokenizer")

