@@ -29,6 +29,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _batch_size(text: str) -> int | str:
+    return "auto" if text.strip().lower() == "auto" else _positive_int(text)
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     from lensbench.models import DEFAULT_MODEL, DEFAULT_N_CTX
 
@@ -47,7 +51,13 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--linear", action="append", default=[], help="folder of a fitted linear-simlens / tuned lens (repeatable)")
     p.add_argument("--out", required=True, help="run folder to write (resumed if it holds the same unfinished run)")
     p.add_argument("--limit", type=_positive_int, help="first N examples only")
-    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--batch-size", type=_batch_size, default=8,
+                   help="examples per batch, or auto: the largest that fits, up to --max-batch-size (default 8)")
+    p.add_argument("--max-batch-size", type=_positive_int, default=64, help="batch size planned by --batch-size auto (default 64)")
+    p.add_argument("--num-processes", type=_positive_int, default=1,
+                   help="shard the examples across N local processes (one per GPU with --device cuda); "
+                        "`accelerate launch -m lensbench eval ...` does the same across nodes")
+    p.add_argument("--n-devices", type=_positive_int, default=1, help="split one model's blocks across N GPUs (TransformerLens)")
     p.add_argument("--start-token", help="text of the start token [s] (default: BOS, else EOS)")
     p.add_argument("--positions", default="consecutive", choices=["consecutive", "original"],
                    help="SimLens continuation positions: (0, 1) or the original (0, T-1)")
@@ -60,22 +70,47 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """`argv` less `--name VALUE` / `--name=VALUE`."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            kept.append(arg)
+    return kept
+
+
 def cmd_eval(args) -> int:
+    from lensbench import distributed
     from lensbench.runner import EvalConfig, format_table, run_eval
     from lensbench.store import open_run
 
+    if args.num_processes > 1:
+        if distributed.launched_world() > 1:
+            raise LensbenchError("--num-processes inside a launched process group: use one or the other")
+        if args.n_devices > 1:
+            raise LensbenchError("--num-processes and --n-devices cannot be combined")
+        return distributed.launch_local(["eval", *_without_option(args.argv, "--num-processes")], args.num_processes)
+    dist = distributed.init(args.device)
+    device = distributed.rank_device(args.device, dist)
     cfg = EvalConfig(
         out=args.out, model=args.model, task=args.task, lenses=args.lenses, ablations=args.ablations,
-        limit=args.limit, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+        limit=args.limit, device=device, dtype=args.dtype, batch_size=args.batch_size,
         start_token=args.start_token, positions=args.positions, site=args.site, topk=args.topk,
         entropy=args.entropy, skip_invalid=args.skip_invalid, overwrite=args.overwrite, linear=args.linear,
-        mean_examples=args.mean_examples, n_ctx=args.n_ctx,
+        mean_examples=args.mean_examples, n_ctx=args.n_ctx, max_batch_size=args.max_batch_size,
+        n_devices=args.n_devices,
     )
     try:
-        out = run_eval(cfg, progress=not args.quiet)
+        out = run_eval(cfg, progress=not args.quiet, dist=dist)
     except KeyboardInterrupt:
         print(f"lensbench: interrupted; finished batches are kept in {args.out}. Run the same command to resume.", file=sys.stderr)
         return 130
+    if not dist.is_main:
+        return 0
     run = open_run(out)
     summary = run.summary()
     print(format_table(summary))
@@ -125,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
+    full = list(sys.argv[1:] if argv is None else argv)
+    args.argv = full[full.index(args.command) + 1 :]  # the subcommand's own arguments (for relaunching)
     handlers = {"eval": cmd_eval, "tasks": cmd_tasks, "models": cmd_models}
     handler = handlers.get(args.command) or getattr(args, "handler", None)
     try:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 import lensbench
 from lensbench import metrics, store
+from lensbench.distributed import Dist
 from lensbench.errors import LensbenchError
 from lensbench.lenses import Lens, LensBatch, RunContext, SimLens, build_lenses
 from lensbench.models import DEFAULT_MODEL, DEFAULT_N_CTX, ModelInfo, load_model
@@ -48,7 +49,7 @@ class EvalConfig:
     limit: int | None = None
     device: str = "cpu"
     dtype: str = "float32"
-    batch_size: int = 8
+    batch_size: int | str = 8  # or "auto": batches of max_batch_size, split on out-of-memory
     start_token: str | None = None
     positions: str = "consecutive"
     site: str = "pre"
@@ -59,11 +60,16 @@ class EvalConfig:
     linear: list[str] = field(default_factory=list)
     mean_examples: int = 256
     n_ctx: int = DEFAULT_N_CTX
-    shard: tuple[int, int] | None = None  # (rank, world): evaluate every world-th batch
+    max_batch_size: int = 64  # the batch plan's size under batch_size="auto"
+    n_devices: int = 1  # GPUs one model's blocks are split across (TransformerLens's n_devices)
 
     def validate(self) -> None:
-        if self.batch_size < 1:
-            raise LensbenchError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise LensbenchError(f"--batch-size must be a positive integer or auto (got {self.batch_size})")
+        if self.n_devices < 1:
+            raise LensbenchError(f"--n-devices must be at least 1 (got {self.n_devices})")
+        if self.max_batch_size < 1:
+            raise LensbenchError(f"--max-batch-size must be at least 1 (got {self.max_batch_size})")
         if self.limit is not None and self.limit < 1:
             raise LensbenchError(f"--limit must be at least 1 (got {self.limit})")
         if not 1 <= self.topk <= 100:
@@ -78,6 +84,11 @@ class EvalConfig:
         keep = ("model", "task", "lenses", "ablations", "limit", "dtype", "start_token", "positions", "site",
                 "topk", "entropy", "skip_invalid", "linear", "mean_examples", "n_ctx")
         return {k: getattr(self, k) for k in keep}
+
+    @property
+    def plan_batch_size(self) -> int:
+        """Examples per planned batch (one part file each); "auto" plans max_batch_size."""
+        return self.max_batch_size if self.batch_size == "auto" else int(self.batch_size)
 
 
 @dataclass
@@ -103,7 +114,12 @@ def evaluate_batch(
     topk: int = 5,
     entropy: str = "candidates",
 ) -> BatchResult:
-    """Run every lens at every readout point on one batch of examples."""
+    """Run every lens at every readout point on one batch of examples.
+
+    Everything up to the decisions stays on the model's device; the results cross to the host
+    once, at the end (no synchronisation per lens, point or row), and the columns are built
+    from whole arrays rather than row by row.
+    """
     points = ctx.points
     indices = [e.index for e in batch]
     aux = []
@@ -121,73 +137,105 @@ def evaluate_batch(
     lens_batch = LensBatch(model, slots, len(batch), torch.tensor(indices + aux))
 
     b = len(batch)
-    n_cand = max(len(e.candidate_ids) for e in batch)
-    cand_ids = torch.zeros(b, n_cand, dtype=torch.long)
-    cand_mask = torch.zeros(b, n_cand, dtype=torch.bool)
-    for row, e in enumerate(batch):
-        cand_ids[row, : len(e.candidate_ids)] = torch.tensor(e.candidate_ids)
-        cand_mask[row, : len(e.candidate_ids)] = True
-    final_logits = unembed(model, slots.a[-1, :b]).cpu()
+    n_cands = [len(e.candidate_ids) for e in batch]
+    n_cand = max(n_cands)
+    final_logits = unembed(model, slots.a[-1, :b])  # float32, on the unembedding's device
+    out_device = final_logits.device
+    cand_ids = torch.tensor([e.candidate_ids + [0] * (n_cand - len(e.candidate_ids)) for e in batch], device=out_device)
+    cand_mask = torch.arange(n_cand, device=out_device)[None] < torch.tensor(n_cands, device=out_device)[:, None]
     final_decision = final_logits.gather(1, cand_ids).masked_fill(~cand_mask, -torch.inf).argmax(-1)
-    gold = torch.tensor([e.gold for e in batch])
 
-    columns: dict[str, list] = {k: [] for k in (
-        "example_index", "example_id", "lens", "layer", "site", "decision", "decision_token", "gold", "correct",
-        "final_decision", "agrees_final", "entropy", "candidate_logprobs", "topk_ids", "topk_probs", "donor_index",
-    )}
     attention_sum = attention_count = None
-    tokenizer = model.tokenizer
     vocab = model.cfg.d_vocab_out
     chunk = max(1, int(3e7 // (b * vocab)))  # bound the (point, batch, vocab) logits in memory
+    per_lens = []  # (decision, entropy, candidate logprobs, top-k probs, top-k ids), each (point, b, ...)
     for lens in lenses:
         output = lens.final_residuals(lens_batch)
         if output.attention is not None:
-            att = output.attention.float().cpu()
+            att = output.attention.float()
             valid = ~torch.isnan(att)
             sums = torch.where(valid, att, torch.zeros_like(att)).sum(1)
             counts = valid[..., 0].sum(1).float()
             attention_sum = sums if attention_sum is None else attention_sum + sums
             attention_count = counts if attention_count is None else attention_count + counts
+        parts = []
+        for start in range(0, len(points), chunk):
+            logits = unembed(model, output.resid[start : start + chunk])  # (p, b, vocab), float32
+            full_logprobs = torch.log_softmax(logits, -1)
+            cand_logits = logits.gather(2, cand_ids[None].expand(logits.shape[0], -1, -1))
+            del logits
+            cand_logits = cand_logits.masked_fill(~cand_mask[None], -torch.inf)
+            cand_logprobs = torch.log_softmax(cand_logits, -1)
+            ent = _entropy(cand_logprobs) if entropy == "candidates" else _entropy(full_logprobs)
+            top_p, top_i = full_logprobs.exp().topk(topk, dim=-1)
+            parts.append((cand_logprobs.argmax(-1), ent, cand_logprobs, top_p, top_i))
+        per_lens.append([torch.cat(field) for field in zip(*parts)])
+    # The one transfer to the host: (lens, point, b, ...) arrays.
+    decision, ent, cand_lp, top_p, top_i = (torch.stack(f).cpu().numpy() for f in zip(*per_lens))
+    final_np = final_decision.cpu().numpy()
+    if attention_sum is not None:
+        attention_sum, attention_count = attention_sum.cpu(), attention_count.cpu()
+    return BatchResult(
+        _batch_columns(model.tokenizer, lenses, points, batch, decision, ent, cand_lp, top_p, top_i, final_np),
+        attention_sum, attention_count,
+    )
+
+
+def _batch_columns(tokenizer, lenses, points, batch, decision, ent, cand_lp, top_p, top_i, final_decision) -> dict[str, list]:
+    """The prediction columns, one entry per (lens, point, example) in that nesting order."""
+    n_lens, n_points, b = decision.shape
+    n_rows = n_lens * n_points * b
+    row_of = np.tile(np.arange(b), n_lens * n_points)
+    indices = [e.index for e in batch]
+    gold = np.array([e.gold for e in batch])
+    cand_tokens = [[tokenizer.decode([c]) for c in e.candidate_ids] for e in batch]
+    donors = []
+    for lens in lenses:
         donor = [-1] * b
         if isinstance(lens, SimLens):
             donor = [lens.donor_of(i) if lens.donor_of(i) is not None else -1 for i in indices]
             fixed = [src.arg for _, src in lens.ablation.slots if src.kind == "example"]
             if fixed:
                 donor = [fixed[0]] * b
-        for start in range(0, len(points), chunk):
-            logits = unembed(model, output.resid[start : start + chunk]).cpu()  # (p, b, vocab)
-            full_logprobs = torch.log_softmax(logits, -1)
-            cand_logits = logits.gather(2, cand_ids[None].expand(logits.shape[0], -1, -1))
-            cand_logits = cand_logits.masked_fill(~cand_mask[None], -torch.inf)
-            cand_logprobs = torch.log_softmax(cand_logits, -1)
-            decision = cand_logprobs.argmax(-1)
-            ent = _entropy(cand_logprobs) if entropy == "candidates" else _entropy(full_logprobs)
-            top_p, top_i = full_logprobs.exp().topk(topk, dim=-1)
-            for p_off in range(logits.shape[0]):
-                point: ReadoutPoint = points[start + p_off]
-                for row, ex in enumerate(batch):
-                    d = int(decision[p_off, row])
-                    columns["example_index"].append(ex.index)
-                    columns["example_id"].append(ex.id)
-                    columns["lens"].append(lens.name)
-                    columns["layer"].append(point.layer)
-                    columns["site"].append("final" if point.is_final else point.site)
-                    columns["decision"].append(d)
-                    columns["decision_token"].append(tokenizer.decode([ex.candidate_ids[d]]))
-                    columns["gold"].append(ex.gold)
-                    columns["correct"].append(d == ex.gold)
-                    columns["final_decision"].append(int(final_decision[row]))
-                    columns["agrees_final"].append(d == int(final_decision[row]))
-                    columns["entropy"].append(float(ent[p_off, row]))
-                    columns["candidate_logprobs"].append(cand_logprobs[p_off, row, : len(ex.candidate_ids)].tolist())
-                    columns["topk_ids"].append(top_i[p_off, row].tolist())
-                    columns["topk_probs"].append(top_p[p_off, row].tolist())
-                    columns["donor_index"].append(donor[row])
-    return BatchResult(columns, attention_sum, attention_count)
+        donors.extend(donor * n_points)
+    flat_decision = decision.reshape(-1)
+    n_cands = [len(e.candidate_ids) for e in batch]
+    cand_rows = cand_lp.reshape(n_rows, -1).tolist()
+    if min(n_cands) != cand_lp.shape[-1]:
+        cand_rows = [values[: n_cands[r]] for values, r in zip(cand_rows, row_of.tolist())]
+    layers = [p.layer for p in points]
+    sites = ["final" if p.is_final else p.site for p in points]
+    return {
+        "example_index": [indices[r] for r in row_of.tolist()],
+        "example_id": [batch[r].id for r in row_of.tolist()],
+        "lens": [lens.name for lens in lenses for _ in range(n_points * b)],
+        "layer": np.repeat(layers, b).tolist() * n_lens,
+        "site": [site for site in sites for _ in range(b)] * n_lens,
+        "decision": flat_decision.tolist(),
+        "decision_token": [cand_tokens[r][d] for r, d in zip(row_of.tolist(), flat_decision.tolist())],
+        "gold": gold[row_of].tolist(),
+        "correct": (flat_decision == gold[row_of]).tolist(),
+        "final_decision": final_decision[row_of].tolist(),
+        "agrees_final": (flat_decision == final_decision[row_of]).tolist(),
+        "entropy": ent.reshape(-1).tolist(),
+        "candidate_logprobs": cand_rows,
+        "topk_ids": top_i.reshape(n_rows, -1).tolist(),
+        "topk_probs": top_p.reshape(n_rows, -1).tolist(),
+        "donor_index": donors,
+    }
+
+
+def _decode_each(tokenizer, ids: list[list[int]]) -> list[list[str]]:
+    """`[[decode([i]) for i in row] for row in ids]`, decoding each distinct id once."""
+    if not ids or len({len(row) for row in ids}) != 1 or not ids[0]:  # empty or ragged
+        return [[tokenizer.decode([i]) for i in row] for row in ids]
+    unique, inverse = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1), return_inverse=True)
+    text = np.array([tokenizer.decode([int(i)]) for i in unique] + [None], dtype=object)[:-1]
+    return text[inverse].reshape(len(ids), -1).tolist()
 
 
 def _to_table(columns: dict[str, list], tokenizer) -> pa.Table:
-    top_tokens = [[tokenizer.decode([i]) for i in ids] for ids in columns["topk_ids"]]
+    top_tokens = _decode_each(tokenizer, columns["topk_ids"])
     return pa.table({
         "example_index": pa.array(columns["example_index"], pa.int32()),
         "example_id": pa.array(columns["example_id"], pa.string()),
@@ -243,6 +291,78 @@ def make_batches(encoded: list[EncodedExample], batch_size: int) -> list[list[En
     return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA (or other accelerator) out-of-memory error, which a smaller batch may avoid."""
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
+
+
+class BatchSizer:
+    """The largest sub-batch believed to fit, learnt from out-of-memory errors.
+
+    It starts at the plan's batch size. An out-of-memory error on `rows` prompts padded to
+    `length` tokens halves the token budget to `rows * length / 2`; a later sub-batch gets as
+    many rows as the budget allows at its own padded length, so the size grows back as the
+    (length-sorted) prompts get shorter, never beyond the plan's batch size.
+    """
+
+    def __init__(self, max_rows: int):
+        self.max_rows = max_rows
+        self.token_budget: int | None = None
+        self.backoffs = 0
+
+    def rows_for(self, length: int) -> int:
+        if self.token_budget is None:
+            return self.max_rows
+        return max(1, min(self.max_rows, self.token_budget // max(1, length)))
+
+    def shrink(self, rows: int, length: int) -> None:
+        self.token_budget = max(1, rows * length // 2)
+        self.backoffs += 1
+
+
+def merge_results(results: list[BatchResult]) -> BatchResult:
+    """One BatchResult from those of consecutive sub-batches (rows concatenated, sums added)."""
+    if len(results) == 1:
+        return results[0]
+    columns = {k: [v for r in results for v in r.columns[k]] for k in results[0].columns}
+    sums = [r.attention_sum for r in results if r.attention_sum is not None]
+    counts = [r.attention_count for r in results if r.attention_count is not None]
+    return BatchResult(columns, sum(sums) if sums else None, sum(counts) if counts else None)
+
+
+def evaluate_with_backoff(
+    model, lenses: list[Lens], ctx: RunContext, batch: list[EncodedExample], sizer: BatchSizer,
+    topk: int = 5, entropy: str = "candidates",
+) -> BatchResult:
+    """`evaluate_batch` on `batch`, split into smaller sub-batches while they run out of memory.
+
+    Every example is evaluated exactly once: a sub-batch that fails is retried whole, smaller,
+    and only finished sub-batches are kept. A single example that does not fit is an error.
+    """
+    results = []
+    done = 0
+    while done < len(batch):
+        length = max(len(e.tokens) for e in batch[done:])
+        rows = min(sizer.rows_for(length), len(batch) - done)
+        sub = batch[done : done + rows]
+        try:
+            results.append(evaluate_batch(model, lenses, ctx, sub, topk, entropy))
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
+            if not is_out_of_memory(exc) or rows == 1:
+                raise
+            failed_length = max(len(e.tokens) for e in sub)
+        else:
+            done += rows
+            continue
+        # Outside the except block, so the failed attempt's tensors are already released.
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        sizer.shrink(rows, failed_length)
+        print(f"lensbench: out of memory at {rows} x {failed_length} tokens; "
+              f"retrying with {sizer.rows_for(failed_length)} example(s) per batch", file=sys.stderr)
+    return merge_results(results)
+
+
 @contextmanager
 def _sigterm_as_interrupt():
     """SIGTERM ends the run like Ctrl-C: the batch in flight is lost, the rest is kept."""
@@ -266,7 +386,7 @@ def prepare(cfg: EvalConfig, model=None, model_info: ModelInfo | None = None):
     cfg.validate()
     examples = load_task(cfg.task)
     if model is None:
-        model, model_info = load_model(cfg.model, cfg.device, cfg.dtype, cfg.n_ctx)
+        model, model_info = load_model(cfg.model, cfg.device, cfg.dtype, cfg.n_ctx, cfg.n_devices)
     elif model_info is None:
         model_info = ModelInfo(cfg.model, None, model.cfg.n_layers, model.cfg.d_model,
                                str(model.cfg.original_architecture), cfg.dtype, str(model.cfg.device))
@@ -283,7 +403,7 @@ def prepare(cfg: EvalConfig, model=None, model_info: ModelInfo | None = None):
         raise LensbenchError("no examples left to evaluate" + (f" ({len(skipped)} skipped)" if skipped else ""))
     points = readout_points(model, cfg.site)
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else start_id
-    ctx = RunContext(model, points, {e.index: e for e in encoded}, pad_id, cfg.batch_size, cfg.mean_examples)
+    ctx = RunContext(model, points, {e.index: e for e in encoded}, pad_id, cfg.plan_batch_size, cfg.mean_examples)
     return model, model_info, examples, encoded, skipped, lenses, ctx, start_id
 
 
@@ -292,12 +412,11 @@ def fingerprint(cfg: EvalConfig, model_info: ModelInfo, encoded: list[EncodedExa
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def run_eval(cfg: EvalConfig, model=None, model_info: ModelInfo | None = None, progress: bool = True) -> Path:
-    """Evaluate and store a run in `cfg.out`; resumes a matching unfinished run there."""
-    out = Path(cfg.out)
-    model, model_info, examples, encoded, skipped, lenses, ctx, start_id = prepare(cfg, model, model_info)
-    fp = fingerprint(cfg, model_info, encoded)
-    parts_dir = out / "parts"
+def _open_run_folder(cfg: EvalConfig, out: Path, fp: str) -> tuple[str, dict]:
+    """Check `out` for this run: ("complete", manifest), ("resume", manifest) or ("new", {}).
+
+    A different run, or a folder that is not a run, is refused unless `cfg.overwrite`.
+    """
     manifest_path = out / store.MANIFEST
     if manifest_path.exists():
         try:
@@ -308,51 +427,88 @@ def run_eval(cfg: EvalConfig, model=None, model_info: ModelInfo | None = None, p
             if not cfg.overwrite:
                 raise LensbenchError(f"{out} holds a different run; choose another --out or pass --overwrite")
             shutil.rmtree(out)
-        elif old.get("status") == "complete" and cfg.shard is None:
-            print(f"lensbench: {out} is already complete; nothing to do", file=sys.stderr)
-            return out
-    elif out.exists() and any(out.iterdir()):
+            return "new", {}
+        return ("complete" if old.get("status") == "complete" else "resume"), old
+    if out.exists() and any(out.iterdir()):
         if not cfg.overwrite:
             raise LensbenchError(f"{out} exists and is not a lensbench run; choose another --out or pass --overwrite")
         shutil.rmtree(out)
-    parts_dir.mkdir(parents=True, exist_ok=True)
+    return "new", {}
 
-    manifest = {
-        "format_version": store.FORMAT_VERSION,
-        "fingerprint": fp,
-        "status": "running",
-        "model": model_info.to_dict(),
-        "task": cfg.task,
-        "config": asdict(cfg),
-        "lenses": [lens.name for lens in lenses],
-        "readout_points": [{"layer": p.layer, "site": p.site, "hook": p.hook_name} for p in ctx.points],
-        "start_token": {"id": start_id, "text": model.tokenizer.decode([start_id])},
-        "n_examples": len(encoded),
-        "skipped": skipped,
-        "versions": versions(),
-        "started": store.now(),
-    }
-    if manifest_path.exists():  # resuming: keep the original start time
-        manifest["started"] = json.loads(manifest_path.read_text()).get("started", manifest["started"])
-        manifest["resumed"] = store.now()
-    store.atomic_write_json(manifest_path, manifest)
-    if not (out / "examples.parquet").exists():
-        store.atomic_write_table(out / "examples.parquet", _examples_table(examples, encoded, model.tokenizer))
 
-    batches = make_batches(encoded, cfg.batch_size)
+def run_eval(
+    cfg: EvalConfig, model=None, model_info: ModelInfo | None = None, progress: bool = True, dist: Dist | None = None
+) -> Path:
+    """Evaluate and store a run in `cfg.out`; resumes a matching unfinished run there.
+
+    With `dist` (a `lensbench.distributed.Dist` of several processes) every process calls
+    this with the same configuration; each evaluates its share of the batches, and rank 0
+    merges them once all have finished (see `lensbench.distributed`).
+    """
+    dist = dist or Dist()
+    out = Path(cfg.out)
+    model, model_info, examples, encoded, skipped, lenses, ctx, start_id = prepare(cfg, model, model_info)
+    fp = fingerprint(cfg, model_info, encoded)
+    parts_dir = out / "parts"
+    manifest_path = out / store.MANIFEST
+
+    manifest: dict = {}
+    if dist.is_main:
+        try:
+            state, old = _open_run_folder(cfg, out, fp)
+        except LensbenchError as exc:
+            state, old = "error", {"error": str(exc)}
+        if state in ("new", "resume"):
+            # The batch plan fixes which examples share a part file: a resumed run keeps its own.
+            plan = old.get("batch_plan", {"batch_size": cfg.plan_batch_size})
+            manifest = {
+                "format_version": store.FORMAT_VERSION,
+                "fingerprint": fp,
+                "status": "running",
+                "model": model_info.to_dict(),
+                "task": cfg.task,
+                "config": asdict(cfg),
+                "lenses": [lens.name for lens in lenses],
+                "readout_points": [{"layer": p.layer, "site": p.site, "hook": p.hook_name} for p in ctx.points],
+                "start_token": {"id": start_id, "text": model.tokenizer.decode([start_id])},
+                "n_examples": len(encoded),
+                "skipped": skipped,
+                "batch_plan": plan,
+                "processes": dist.world,
+                "versions": versions(),
+                "started": old.get("started", store.now()),
+            }
+            if state == "resume":
+                manifest["resumed"] = store.now()
+            parts_dir.mkdir(parents=True, exist_ok=True)
+            store.atomic_write_json(manifest_path, manifest)
+            if not (out / "examples.parquet").exists():
+                store.atomic_write_table(out / "examples.parquet", _examples_table(examples, encoded, model.tokenizer))
+        outcome = (state, old.get("error"), manifest.get("batch_plan", {}).get("batch_size"))
+    else:
+        outcome = None
+    state, error, plan_size = dist.broadcast(outcome)
+    if state == "error":
+        raise LensbenchError(error)
+    if state == "complete":
+        if dist.is_main:
+            print(f"lensbench: {out} is already complete; nothing to do", file=sys.stderr)
+        return out
+
+    batches = make_batches(encoded, plan_size)
     done = {int(p.stem.split("-")[1]) for p in parts_dir.glob("part-*.parquet")}
-    todo = [i for i in range(len(batches)) if i not in done]
-    if cfg.shard is not None:
-        rank, world = cfg.shard
-        todo = [i for i in todo if i % world == rank]
+    todo = [i for i in range(len(batches)) if i not in done and i % dist.world == dist.rank]
     for lens in lenses:
         lens.prepare(ctx)
+    sizer = BatchSizer(plan_size)
     n_done = sum(len(batches[i]) for i in done)
-    bar = tqdm(total=len(encoded), initial=n_done, desc="lensbench eval", unit="ex", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=n_done + sum(len(batches[i]) for i in todo), initial=n_done, desc="lensbench eval", unit="ex",
+               disable=not progress or not dist.is_main, file=sys.stderr)
+    failure = None
     try:
         with _sigterm_as_interrupt():
             for i in todo:
-                result = evaluate_batch(model, lenses, ctx, batches[i], cfg.topk, cfg.entropy)
+                result = evaluate_with_backoff(model, lenses, ctx, batches[i], sizer, cfg.topk, cfg.entropy)
                 if result.attention_sum is not None:
                     store.atomic_write_tensors(parts_dir / f"part-{i:06d}.attn.safetensors",
                                                {"sum": result.attention_sum, "count": result.attention_count})
@@ -360,18 +516,39 @@ def run_eval(cfg: EvalConfig, model=None, model_info: ModelInfo | None = None, p
                 bar.update(len(batches[i]))
     except KeyboardInterrupt:
         bar.close()
-        manifest.update(status="interrupted", interrupted=store.now())
-        store.atomic_write_json(manifest_path, manifest)
+        if dist.is_main:
+            manifest.update(status="interrupted", interrupted=store.now())
+            store.atomic_write_json(manifest_path, manifest)
         raise
-    except BaseException:
-        bar.close()
-        manifest.update(status="failed", failed=store.now())
-        store.atomic_write_json(manifest_path, manifest)
-        raise
+    except Exception as exc:
+        if dist.world == 1:
+            bar.close()
+            manifest.update(status="failed", failed=store.now())
+            store.atomic_write_json(manifest_path, manifest)
+            raise
+        failure = exc
     bar.close()
-    if cfg.shard is not None and len({int(p.stem.split("-")[1]) for p in parts_dir.glob("part-*.parquet")}) < len(batches):
-        return out  # other shards still running; the last one to finish merges
-    finalize(out, manifest)
+    # Every rank reports; nobody waits on a rank that has already failed.
+    reports = dist.gather(None if failure is None else f"rank {dist.rank}: {type(failure).__name__}: {failure}")
+    errors = [r for r in reports if r is not None]
+    if errors:
+        if dist.is_main:
+            manifest.update(status="failed", failed=store.now(), errors=errors)
+            store.atomic_write_json(manifest_path, manifest)
+        if failure is not None:
+            raise failure
+        raise LensbenchError("another process failed: " + "; ".join(errors))
+    final_error = None
+    if dist.is_main:
+        try:
+            finalize(out, manifest)
+        except Exception as exc:  # noqa: BLE001 - reported to every rank, then re-raised here
+            final_error = f"{type(exc).__name__}: {exc}"
+            if dist.world == 1:
+                raise
+    final_error = dist.broadcast(final_error)  # also holds the other ranks until the run is complete
+    if final_error is not None:
+        raise LensbenchError(f"merging the parts failed on rank 0: {final_error}")
     return out
 
 
