@@ -1,0 +1,179 @@
+"""What every figure script shares: reading run folders, pairing a test run with its
+calibration run, the run's report (`lensbench.report.build_report`), names, and output.
+
+The scripts never recompute a metric: per-layer numbers come from `summary.json`, Iso-Compute
+and exit curves from the report, calibrated thresholds from `lensbench.exits`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Iterable
+
+from lensbench.errors import LensbenchError
+from lensbench.store import Run, list_runs, open_run
+
+DEFAULT_OUT = "figures"
+
+
+def note(message: str) -> None:
+    """A one-line note on stderr (a skipped curve, a missing run)."""
+    print(f"note: {message}", file=sys.stderr)
+
+
+def argument_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("runs", nargs="+",
+                   help="run folders, or folders holding run folders (searched one and two levels deep)")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT}/)")
+    p.add_argument("--formats", default="png,html", help="comma-separated: png, html (default both)")
+    p.add_argument("--calib", help="calibration run for the first test run (otherwise found by task name: T@calib beside T@test)")
+    return p
+
+
+def formats_of(args) -> tuple[str, ...]:
+    formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
+    unknown = set(formats) - {"png", "html"}
+    if unknown:
+        raise SystemExit(f"unknown format(s) {', '.join(sorted(unknown))} (expected png, html)")
+    return formats
+
+
+def collect_runs(paths: Iterable[str | Path], complete_only: bool = True) -> list[Run]:
+    """Open the runs named (a folder of runs expands to its runs); incomplete ones are noted and skipped."""
+    runs: list[Run] = []
+    for path in paths:
+        path = Path(path)
+        try:
+            found = [open_run(path)]
+        except LensbenchError:
+            found = list_runs(path)
+            if not found:
+                note(f"{path} holds no lensbench run; skipped")
+        for item in found:
+            if isinstance(item, tuple):
+                note(f"{item[0]}: {item[1]}; skipped")
+                continue
+            if complete_only and item.status != "complete":
+                note(f"run {item.path} is not complete (status: {item.status}); skipped")
+                continue
+            if all(item.path.resolve() != r.path.resolve() for r in runs):
+                runs.append(item)
+    return runs
+
+
+def task_parts(task: str) -> tuple[str, str | None]:
+    """`arc-easy@test` -> (`arc-easy`, `test`)."""
+    if "@" in task and task.rsplit("@", 1)[1] in ("calib", "test"):
+        base, part = task.rsplit("@", 1)
+        return base, part
+    return task, None
+
+
+def is_calibration_run(run: Run) -> bool:
+    return task_parts(run.manifest.get("task", ""))[1] == "calib"
+
+
+def find_calibration(run: Run, candidates: Iterable[Run] = ()) -> Run | None:
+    """The calibration run of a test run: same model (by weights hash) and task `T@calib`,
+    among `candidates` or the run folder's siblings; None for a run not of `T@test`."""
+    base, part = task_parts(run.manifest.get("task", ""))
+    if part != "test":
+        return None
+    sha = run.manifest.get("model", {}).get("source_sha256")
+    pool = list(candidates) + [r for r in list_runs(run.path.parent) if isinstance(r, Run)]
+    for other in pool:
+        if other.path.resolve() == run.path.resolve() or other.status != "complete":
+            continue
+        if other.manifest.get("task") == f"{base}@calib" and other.manifest.get("model", {}).get("source_sha256") == sha:
+            return other
+    return None
+
+
+def model_name(run: Run) -> str:
+    return str(run.manifest.get("model", {}).get("spec", "model"))
+
+
+def task_name(run: Run) -> str:
+    return str(run.manifest.get("task", "task"))
+
+
+def run_label(run: Run) -> str:
+    n = run.manifest.get("n_examples")
+    return f"{model_name(run)} · {task_name(run)}" + (f" · {n} examples" if n else "")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+def run_slugs(runs: list[Run]) -> dict[Path, str]:
+    """A file-name stem per run: `MODEL_TASK`, with the run folder's name added where two collide."""
+    base = {r.path: _slug(f"{Path(model_name(r)).stem}_{task_name(r)}") for r in runs}
+    counts: dict[str, int] = {}
+    for stem in base.values():
+        counts[stem] = counts.get(stem, 0) + 1
+    return {p: (s if counts[s] == 1 else f"{s}_{_slug(p.name)}") for p, s in base.items()}
+
+
+def report_of(run: Run, calib: Run | None = None) -> dict:
+    """The run's report: `RUN/report.json` when it is current (newer than the predictions and
+    calibrated on `calib`), else built by `lensbench.report.build_report` and written there."""
+    from lensbench.report import build_report
+
+    stored = run.report()
+    report_path = run.path / "report.json"
+    predictions_path = run.path / "predictions.parquet"
+    if stored is not None and report_path.stat().st_mtime >= predictions_path.stat().st_mtime:
+        calibrated = stored.get("calibrated") or []
+        if calib is None or (calibrated and Path(calibrated[0]["calib_run"]).resolve() == calib.path.resolve()):
+            return stored
+    return build_report(run, calib_run=calib)
+
+
+def lens_names(run: Run) -> list[str]:
+    return list(run.manifest.get("lenses") or run.summary()["lenses"])
+
+
+def present(wanted: Iterable[str], have: Iterable[str], run: Run, what: str = "curve") -> list[str]:
+    """The wanted lenses the run has, noting each one it lacks."""
+    have = set(have)
+    kept = []
+    for name in wanted:
+        if name in have:
+            kept.append(name)
+        else:
+            note(f"{run.path}: no '{name}' lens; its {what} is skipped")
+    return kept
+
+
+def exporting(formats: Iterable[str]):
+    """One Chromium kept open for all PNGs of a script (a no-op without PNG output)."""
+    from contextlib import nullcontext
+
+    from lensbench import plotting
+
+    return plotting.static_export() if "png" in formats else nullcontext()
+
+
+def figure_runs(args) -> tuple[list[Run], dict[Path, str], dict[Path, Run | None]]:
+    """The runs to draw (calibration runs that pair with a test run given are left out), their
+    file-name stems, and each one's calibration run (None where there is none)."""
+    runs = collect_runs(args.runs)
+    calib = {r.path: find_calibration(r, runs) for r in runs}
+    if getattr(args, "calib", None):
+        first = next((r for r in runs if not is_calibration_run(r)), None)
+        if first is not None:
+            calib[first.path] = open_run(args.calib)
+    paired = {c.path.resolve() for c in calib.values() if c is not None}
+    runs = [r for r in runs if r.path.resolve() not in paired]
+    return runs, run_slugs(runs), {r.path: calib[r.path] for r in runs}
+
+
+def finish(written: list[Path]) -> list[Path]:
+    for path in written:
+        print(path)
+    return written
