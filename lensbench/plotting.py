@@ -69,12 +69,13 @@ def _layout(fig: go.Figure, title: str | None, height: int = 480, width: int | N
     return fig
 
 
-def _final_line(fig: go.Figure, value: float | None, label: str, row=None, col=None) -> None:
+def _final_line(fig: go.Figure, value: float | None, label: str, row=None, col=None,
+                position: str = "bottom right") -> None:
     if value is None:
         return
     kwargs = dict(row=row, col=col) if row is not None else {}
     fig.add_hline(y=value, line=dict(color="black", dash="dot", width=1), annotation_text=label,
-                  annotation_position="bottom right", **kwargs)
+                  annotation_position=position, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +149,7 @@ def iso_compute_figure(
         ))
     if full_cost is not None:
         fig.add_vline(x=full_cost, line=dict(color="black", dash="dot", width=1), annotation_text="full model")
-    _final_line(fig, final_accuracy, "full-model accuracy")
+    _final_line(fig, final_accuracy, "full-model accuracy", position="bottom left")
     if gain is not None:
         suffix = f"average Iso-Compute gain ({gain_label}): {gain * 100:+.1f} points"
         title = f"{title}<br><sup>{suffix}</sup>" if title else suffix
@@ -257,41 +258,50 @@ def exit_tradeoff_figure(
     x: str = "layer_token_speedup",
     y: str = "accuracy",
     title: str | None = None,
+    labels: Mapping[str, str] | None = None,
+    log_x: bool = True,
 ) -> go.Figure:
     """Accuracy (or fidelity) against speedup as the exit threshold sweeps, one line per policy.
 
     curves: `{policy: DataFrame[threshold, accuracy, fidelity, mean_exit_layer, layer_token_speedup]}`
-    (`exits.operating_curve`). operating_points: dicts with `x`, `y`, `label` (e.g. the
-    calibrated "best accuracy" and "≤ 1 point drop" thresholds measured on the test split),
-    optionally `policy` to colour them like their curve.
+    (`exits.operating_curve`); a one-row curve (the oracle) is drawn as a point.
+    operating_points: dicts with `x`, `y`, `label`, optionally `policy` (coloured like its
+    curve) and `symbol` (a plotly marker symbol, default a star), e.g. the calibrated "best
+    accuracy" and "≤ 1 point drop" thresholds measured on the test split.
+    labels: display names of the policies (default: the keys).
     """
+    labels = dict(labels or {})
     fig = go.Figure()
     colors = {}
     for i, (name, frame) in enumerate(curves.items()):
         if frame is None or len(frame) == 0:
             continue
         frame = frame.sort_values(x)
-        colors[name] = _PALETTE[i % len(_PALETTE)] if name not in LENS_COLORS else LENS_COLORS[name]
-        custom = list(zip(frame["threshold"], frame.get("mean_exit_layer", frame["threshold"])))
+        colors[name] = lens_color(name, i)
+        label = labels.get(name, str(name))
+        exit_layer = frame["mean_exit_layer"] if "mean_exit_layer" in frame else frame["threshold"]
+        custom = list(zip(frame["threshold"], exit_layer))
+        single = len(frame) == 1
         fig.add_trace(go.Scatter(
-            x=list(frame[x]), y=list(frame[y]), mode="lines+markers", name=str(name), marker=dict(size=4),
+            x=list(frame[x]), y=list(frame[y]), mode="markers" if single else "lines+markers", name=label,
+            marker=dict(size=11 if single else 4, symbol="diamond" if single else "circle"),
             line=dict(color=colors[name]), customdata=custom,
-            hovertemplate=f"{name}<br>speedup %{{x:.2f}}×<br>{y} %{{y:.3f}}<br>threshold %{{customdata[0]:.3g}}"
+            hovertemplate=f"{label}<br>speedup %{{x:.2f}}×<br>{y} %{{y:.3f}}<br>threshold %{{customdata[0]:.3g}}"
                           "<br>mean exit layer %{customdata[1]:.1f}<extra></extra>",
         ))
     for point in operating_points:
         color = colors.get(point.get("policy"), "black")
         fig.add_trace(go.Scatter(
-            x=[point["x"]], y=[point["y"]], mode="markers+text", text=[point.get("label", "")],
-            textposition="top center", name=point.get("label", "operating point"),
-            marker=dict(symbol="star", size=14, color=color, line=dict(color="black", width=1)),
+            x=[point["x"]], y=[point["y"]], mode="markers", name=point.get("label", "operating point"),
+            marker=dict(symbol=point.get("symbol", "star"), size=15, color=color, line=dict(color="black", width=1)),
             hovertemplate=f"{point.get('label', '')}<br>speedup %{{x:.2f}}×<br>{y} %{{y:.3f}}<extra></extra>",
         ))
     if full_accuracy is not None and y == "accuracy":
         _final_line(fig, full_accuracy, "full model")
         fig.add_hline(y=full_accuracy - 0.01, line=dict(color="gray", dash="dash", width=1),
                       annotation_text="−1 point", annotation_position="bottom left")
-    fig.update_xaxes(title_text="speedup (layer-token units)" if x == "layer_token_speedup" else x)
+    fig.update_xaxes(title_text="speedup over the full model (layer-token units)" if x == "layer_token_speedup" else x,
+                     type="log" if log_x else None)
     fig.update_yaxes(title_text=y)
     return _layout(fig, title, width=800)
 
@@ -371,3 +381,108 @@ def save_figure(fig: go.Figure, out_dir: str | Path, stem: str, formats: Sequenc
             raise
         written.append(path)
     return written
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. One example: trajectories and exit traces (used by the app)
+# ---------------------------------------------------------------------------------------------
+
+def candidate_heatmap(
+    layers: Sequence[int],
+    candidates: Sequence[str],
+    probs,
+    gold: int | None = None,
+    decisions: Sequence[int] | None = None,
+    title: str | None = None,
+    height: int = 520,
+) -> go.Figure:
+    """Candidate probabilities per readout layer for one example under one lens.
+
+    layers: the readout layers (rows); candidates: the candidate tokens (columns); probs:
+    `(layer, candidate)` probabilities (`exp` of the stored `candidate_logprobs`); gold: the
+    gold candidate's column, marked in its label; decisions: the decided column per layer,
+    marked with a dot.
+    """
+    import numpy as np
+
+    z = np.asarray(probs, dtype=float)
+    labels = [repr(c)[1:-1] + (" ✓" if gold is not None and i == gold else "") for i, c in enumerate(candidates)]
+    # category labels must be unique for plotly's axis
+    seen: dict[str, int] = {}
+    for i, label in enumerate(labels):
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > 1:
+            labels[i] = f"{label} ({seen[label]})"
+    fig = go.Figure(go.Heatmap(
+        z=z, x=labels, y=list(layers), colorscale="Blues", zmin=0, zmax=1, colorbar=dict(title="p"),
+        hovertemplate="layer %{y}<br>%{x}<br>p = %{z:.3f}<extra></extra>",
+    ))
+    if decisions is not None:
+        fig.add_trace(go.Scatter(
+            x=[labels[int(d)] for d in decisions], y=list(layers), mode="markers", name="decision",
+            marker=dict(symbol="circle", size=6, color="#d62728"), hoverinfo="skip", showlegend=False,
+        ))
+    fig.update_xaxes(title_text="candidate", type="category")
+    fig.update_yaxes(title_text="readout layer")
+    return _layout(fig, title, height=height)
+
+
+def exit_histogram(exit_layer: Sequence[int], n_layers: int, threshold: float | None = None,
+                   title: str | None = None) -> go.Figure:
+    """How many examples exit at each readout layer (`exits.simulate_exits`' `exit_layer`);
+    layer `n_layers` is the model's own output (no early exit)."""
+    import numpy as np
+
+    counts = np.bincount(np.asarray(exit_layer, dtype=int), minlength=n_layers + 1)
+    colors = ["#1f77b4"] * n_layers + ["#7f7f7f"]
+    fig = go.Figure(go.Bar(
+        x=list(range(n_layers + 1)), y=counts.tolist(), marker_color=colors,
+        hovertemplate="exit layer %{x}<br>%{y} examples<extra></extra>",
+    ))
+    fig.update_xaxes(title_text=f"exit layer ({n_layers} = no early exit)")
+    fig.update_yaxes(title_text="examples")
+    if threshold is not None and title is None:
+        title = f"exit layers at threshold {threshold:.3g}"
+    return _layout(fig, title, height=360)
+
+
+def exit_trace_figure(
+    traces: Mapping[str, Mapping],
+    threshold: float | None,
+    min_layer: int = 0,
+    title: str | None = None,
+) -> go.Figure:
+    """Per-example exit traces: the policy's confidence (entropy) per layer, the threshold line,
+    and the exit point with its decision.
+
+    traces: `{label: {"layers": [...], "entropy": [...], "exit_layer": int, "decision": str,
+    "correct": bool}}`; threshold: the exit threshold (None for the oracle); min_layer: the
+    first layer checked (shaded before it).
+    """
+    fig = go.Figure()
+    for i, (label, trace) in enumerate(traces.items()):
+        color = _PALETTE[i % len(_PALETTE)]
+        fig.add_trace(go.Scatter(
+            x=list(trace["layers"]), y=list(trace["entropy"]), mode="lines+markers", name=str(label),
+            legendgroup=str(label), line=dict(color=color), marker=dict(size=4),
+            hovertemplate=f"{label}<br>layer %{{x}}<br>entropy %{{y:.3f}}<extra></extra>",
+        ))
+        layer = int(trace["exit_layer"])
+        layers = list(trace["layers"])
+        y = trace["entropy"][layers.index(layer)] if layer in layers else None
+        mark = "✓" if trace.get("correct") else "✗"
+        fig.add_trace(go.Scatter(
+            x=[layer], y=[y], mode="markers+text", text=[f"{trace.get('decision', '')!s} {mark}"],
+            textposition="top center", legendgroup=str(label), showlegend=False,
+            marker=dict(symbol="star", size=14, color=color, line=dict(color="black", width=1)),
+            hovertemplate=f"{label}<br>exit at layer {layer}<br>decision {trace.get('decision', '')!s} {mark}<extra></extra>",
+        ))
+    if threshold is not None:
+        fig.add_hline(y=threshold, line=dict(color="#d62728", dash="dash", width=1.5),
+                      annotation_text=f"threshold {threshold:.3g}", annotation_position="top left")
+    if min_layer > 0:
+        fig.add_vrect(x0=-0.5, x1=min_layer - 0.5, fillcolor="gray", opacity=0.12, line_width=0,
+                      annotation_text="not checked", annotation_position="top left")
+    fig.update_xaxes(title_text="readout layer")
+    fig.update_yaxes(title_text="confidence: entropy (nats)", rangemode="tozero")
+    return _layout(fig, title, height=420)
