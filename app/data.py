@@ -1,0 +1,152 @@
+"""Cached reads of run folders, all through the library.
+
+Every function takes a run's path and its *stamp* (the manifest's modification time), so a
+re-written run is read again and an unchanged one comes from the cache. Large tables are
+kept with `st.cache_resource` (shared, never copied: callers must not modify them); small
+derived results with `st.cache_data`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from lensbench import compute, exits, metrics
+from lensbench.errors import LensbenchError
+from lensbench.store import MANIFEST, Run, open_run
+
+# The scalar columns the filters, settle layers, Iso-Compute and exits need.
+LIGHT_COLUMNS = ["example_index", "example_id", "lens", "layer", "site", "decision", "decision_token", "gold",
+                 "correct", "final_decision", "agrees_final", "entropy", "donor_index"]
+# The per-readout lists a trajectory shows.
+TRAJECTORY_COLUMNS = ["example_index", "lens", "layer", "decision", "decision_token", "entropy",
+                      "candidate_logprobs", "topk_tokens", "topk_probs"]
+
+
+def stamp(run: Run) -> int:
+    return (Path(run.path) / MANIFEST).stat().st_mtime_ns
+
+
+def key(run: Run) -> tuple[str, int]:
+    """`(path, stamp)`: the cache key of a run's contents."""
+    return str(run.path), stamp(run)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def summary(path: str, stamp: int) -> dict:
+    return open_run(path).summary()
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def examples(path: str, stamp: int) -> pd.DataFrame:
+    return open_run(path).examples()
+
+
+@st.cache_resource(show_spinner="Reading predictions…", max_entries=4)
+def light_predictions(path: str, stamp: int) -> pd.DataFrame:
+    """The scalar columns of predictions.parquet (shared: do not modify)."""
+    return open_run(path).predictions(columns=LIGHT_COLUMNS)
+
+
+@st.cache_resource(show_spinner="Reading trajectories…", max_entries=2)
+def _trajectory_table(path: str, stamp: int) -> pd.DataFrame:
+    frame = open_run(path).predictions(columns=TRAJECTORY_COLUMNS)
+    return frame.set_index("example_index").sort_index(kind="stable")
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def trajectory(path: str, stamp: int, example_index: int) -> pd.DataFrame:
+    """Every lens's readouts of one example: one row per (lens, layer)."""
+    table = _trajectory_table(path, stamp)
+    if example_index not in table.index:
+        raise LensbenchError(f"example {example_index} is not in the predictions of {path}")
+    return table.loc[[example_index]].reset_index()
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def settle_layers(path: str, stamp: int, lens: str) -> pd.Series:
+    """`metrics.settle_layer` of `lens`, per example index."""
+    return metrics.settle_layer(light_predictions(path, stamp), lens)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def final_outcomes(path: str, stamp: int) -> pd.DataFrame:
+    """Per example: the model's own decision and whether it is correct (the final readout)."""
+    frame = light_predictions(path, stamp)
+    final = frame[frame["layer"] == frame["layer"].max()].drop_duplicates("example_index")
+    out = final.set_index("example_index")[["final_decision", "gold"]]
+    return out.assign(correct=out["final_decision"] == out["gold"])
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def disagreements(path: str, stamp: int, lens_a: str, lens_b: str) -> pd.Series:
+    """Per example: at how many readout layers the two lenses decide differently."""
+    frame = light_predictions(path, stamp)
+    pair = frame[frame["lens"].isin([lens_a, lens_b])]
+    table = pair.pivot_table(index=["example_index", "layer"], columns="lens", values="decision", aggfunc="first")
+    differs = (table[lens_a] != table[lens_b]).groupby(level=0).sum()
+    return differs.astype(int).rename("disagreements")
+
+
+@st.cache_data(show_spinner="Computing Iso-Compute curves…", max_entries=32)
+def iso_compute(path: str, stamp: int, lenses: tuple[str, ...]) -> dict:
+    """`compute.iso_compute_curve` per lens, the full model's cost and, with both lenses, the
+    SimLens-over-logit gain."""
+    predictions, ex = light_predictions(path, stamp), examples(path, stamp)
+    curves = {lens: compute.iso_compute_curve(predictions, lens, examples=ex) for lens in lenses}
+    gain = None
+    if "simlens" in lenses and "logit" in lenses:
+        gain = compute.iso_compute_gain(predictions, "simlens", "logit", examples=ex)["gain"]
+    return {"curves": curves, "full_cost": compute.full_cost(predictions, ex), "gain": gain}
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def attention(path: str, stamp: int):
+    """`Run.attention()` as numpy: `(mean (point, block, head), points)`, or None."""
+    found = open_run(path).attention()
+    if found is None:
+        return None
+    mean, points = found
+    return mean.float().numpy(), [int(p) for p in points]
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def map_cost(path: str, stamp: int) -> float | None:
+    return exits.run_map_cost(open_run(path))
+
+
+@st.cache_resource(show_spinner="Preparing exit data…", max_entries=16)
+def exit_data(path: str, stamp: int, policy: str, answer_lens: str, min_layer: int) -> exits.ExitData:
+    """`exits.prepare_exits` for a policy (shared: do not modify)."""
+    return exits.prepare_exits(light_predictions(path, stamp), examples(path, stamp), policy, answer_lens,
+                               min_layer, map_cost(path, stamp))
+
+
+@st.cache_data(show_spinner="Sweeping thresholds…", max_entries=32)
+def operating_curve(path: str, stamp: int, policy: str, answer_lens: str, min_layer: int) -> pd.DataFrame:
+    return exits.curve_of(exit_data(path, stamp, policy, answer_lens, min_layer))
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def operating_point(path: str, stamp: int, policy: str, answer_lens: str, min_layer: int, threshold: float) -> dict:
+    """The accuracy, fidelity, speedup... at one threshold (one row of `exits.curve_of`)."""
+    data = exit_data(path, stamp, policy, answer_lens, min_layer)
+    return exits.curve_of(data, [threshold]).iloc[0].to_dict()
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def simulated_exits(path: str, stamp: int, policy: str, answer_lens: str, min_layer: int, threshold: float) -> pd.DataFrame:
+    """`exits.simulate_exits` at one threshold: one row per example."""
+    return exits.simulate_exits(light_predictions(path, stamp), examples(path, stamp), policy, threshold,
+                                answer_lens, min_layer, map_cost=map_cost(path, stamp))
+
+
+def confidence_range(data: exits.ExitData) -> float:
+    """The largest confidence (entropy) a policy sees at the layers it checks (for the slider)."""
+    if data.confidence is None:
+        return 1.0
+    checked = data.confidence[:, data.min_layer : data.n_layers]
+    return float(np.nanmax(checked)) if checked.size else 1.0

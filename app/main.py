@@ -1,0 +1,34 @@
+"""lensbench's Streamlit app: `streamlit run app/main.py [-- --runs DIR]`.
+
+A multipage app over stored runs (the runs folder: `--runs DIR` after `--`, else the
+`LENSBENCH_RUNS` environment variable, else `runs/`; it can be changed in the sidebar).
+Everything it shows is read through `lensbench.store` and computed by the library
+(`metrics`, `compute`, `exits`, `plotting`); the app only arranges and caches it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `streamlit run` puts app/ on the path, not the repository
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st  # noqa: E402
+
+from app import ui  # noqa: E402
+
+st.set_page_config(page_title="lensbench", page_icon="🔎", layout="wide")
+
+PAGES = [
+    st.Page("app_pages/runs.py", title="Runs", icon="📊", url_path="runs", default=True),
+    st.Page("app_pages/trajectories.py", title="Trajectories", icon="🧭", url_path="trajectories"),
+    st.Page("app_pages/roles.py", title="Roles", icon="🎭", url_path="roles"),
+    st.Page("app_pages/exits.py", title="Exits", icon="🚪", url_path="exits"),
+    st.Page("app_pages/live.py", title="Live probe", icon="🧪", url_path="live"),
+]
+
+page = st.navigation(PAGES)
+ui.sidebar()
+ui.run_page(page)
