@@ -119,9 +119,10 @@ def run_slugs(runs: list[Run]) -> dict[Path, str]:
     return {p: (s if counts[s] == 1 else f"{s}_{_slug(p.name)}") for p, s in base.items()}
 
 
-def report_of(run: Run, calib: Run | None = None) -> dict:
+def report_of(run: Run, calib: Run | None = None, write: bool = False) -> dict:
     """The run's report: `RUN/report.json` when it is current (newer than the predictions and
-    calibrated on `calib`), else built by `lensbench.report.build_report` and written there."""
+    calibrated on `calib`), else built by `lensbench.report.build_report` (in memory; the
+    scripts leave run folders as they are unless `write`: `make_all` writes it once)."""
     from lensbench.report import build_report
 
     stored = run.report()
@@ -131,7 +132,7 @@ def report_of(run: Run, calib: Run | None = None) -> dict:
         calibrated = stored.get("calibrated") or []
         if calib is None or (calibrated and Path(calibrated[0]["calib_run"]).resolve() == calib.path.resolve()):
             return stored
-    return build_report(run, calib_run=calib)
+    return build_report(run, calib_run=calib, write=write)
 
 
 def lens_names(run: Run) -> list[str]:
