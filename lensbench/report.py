@@ -1,0 +1,208 @@
+"""`lensbench report RUN`: the tables of a run, printed and written to `RUN/report.json`.
+
+The report holds, for the app and the analyses (which read it rather than recompute it):
+
+- `per_layer`: accuracy and fidelity of every lens at every readout point (`metrics.per_layer`);
+- `iso_compute`: Iso-Compute curves per lens and the gain of SimLens over the logit lens
+  (`compute.iso_compute_gain`), in layer-token units (FLOPs with `--flops`);
+- `exits`: per policy whose lenses the run has, the operating curve over global thresholds
+  (`exits.operating_curve`) and its Pareto front; the oracle's point;
+- `calibrated` (with `--calib CALIB_RUN`): for each policy and the three targets, the threshold
+  chosen on the calibration run and its results on this (test) run (`exits.calibrate`).
+
+`lensbench report` also registers `lensbench calibrate` and `lensbench exit-speed` (see
+`lensbench.exits`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lensbench import compute, exits, metrics
+from lensbench.errors import LensbenchError
+from lensbench.store import Run, atomic_write_json, open_run
+
+REPORT_FILE = "report.json"
+REPORT_VERSION = 1
+
+
+def _clean(value):
+    """JSON-safe: numpy scalars to Python, NaN and infinities to None."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return [_clean(v) for v in value.tolist()]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return None if not math.isfinite(value) else value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def pareto_front(curve: pd.DataFrame) -> pd.DataFrame:
+    """Operating points not beaten in both accuracy and cost by another, cheapest first."""
+    ordered = curve.sort_values(["mean_cost", "accuracy"], ascending=[True, False], kind="stable")
+    best, keep = -np.inf, []
+    for idx, row in ordered.iterrows():
+        if row["accuracy"] > best + 1e-12:
+            keep.append(idx)
+            best = row["accuracy"]
+    return ordered.loc[keep]
+
+
+def build_report(run_path, calib_run=None, *, n_budgets: int = 50, unit: str = "layer-token",
+                 dims: compute.ModelDims | None = None, answer_lens: str = "simlens", min_layer: int = 0,
+                 epsilon: float = 0.01, max_drop: float = 0.01, per_layer: bool = False, write: bool = True) -> dict:
+    """The report of a run (also written to `RUN/report.json` unless `write=False`).
+
+    calib_run: a calibration run (disjoint examples) to add calibrated exit thresholds;
+    unit: layer-token or flop (then `dims`, the model's shape, is needed).
+    """
+    run = run_path if isinstance(run_path, Run) else open_run(run_path)
+    if run.status != "complete":
+        raise LensbenchError(f"run {run.path} is not complete (status: {run.status}); finish it first")
+    predictions = run.predictions(columns=["example_index", "lens", "layer", "site", "decision", "gold", "correct",
+                                           "final_decision", "agrees_final", "entropy"])
+    examples = run.examples()
+    lenses = list(dict.fromkeys(run.manifest.get("lenses") or predictions["lens"].unique()))
+    map_cost = exits.run_map_cost(run)
+    if map_cost is None and dims is not None:
+        map_cost = dims.map_cost
+    final_layer = int(predictions["layer"].max())
+    finals = predictions[predictions["layer"] == final_layer].drop_duplicates("example_index")
+    report: dict = {
+        "report_version": REPORT_VERSION,
+        "run": str(run.path),
+        "model": run.manifest.get("model", {}).get("spec"),
+        "task": run.manifest.get("task"),
+        "n_examples": int(predictions["example_index"].nunique()),
+        "n_layers": final_layer,
+        "lenses": lenses,
+        "final_accuracy": float((finals["final_decision"] == finals["gold"]).mean()),
+        "per_layer": metrics.per_layer(predictions),
+        "map_cost": map_cost if map_cost is not None else compute.DEFAULT_MAP_COST,
+        "map_cost_source": "linear lens config" if exits.run_map_cost(run) is not None else
+                           ("model dims" if map_cost is not None else "default (1/12)"),
+    }
+
+    iso: dict = {"unit": unit, "curves": {}, "gains": {}}
+    for lens in lenses:
+        try:
+            curve = compute.iso_compute_curve(predictions, lens, examples=examples, n_budgets=n_budgets, unit=unit,
+                                              dims=dims, map_cost=map_cost)
+        except LensbenchError:
+            continue
+        iso["curves"][lens] = curve.to_dict(orient="list")
+    if "simlens" in lenses and "logit" in lenses:
+        iso["gains"]["simlens_vs_logit"] = compute.iso_compute_gain(
+            predictions, "simlens", "logit", n_budgets, examples=examples, unit=unit, dims=dims, map_cost=map_cost)
+    report["iso_compute"] = iso
+
+    policies: dict = {}
+    for policy in exits.POLICIES:
+        needed = {answer_lens} | ({exits.CONFIDENCE_LENS[policy]} if exits.CONFIDENCE_LENS[policy] else set())
+        if not needed <= set(lenses):
+            continue
+        data = exits.prepare_exits(predictions, examples, policy, answer_lens, min_layer, map_cost)
+        curve = exits.curve_of(data)
+        policies[policy] = {
+            "curve": curve.to_dict(orient="list"),
+            "pareto": pareto_front(curve).to_dict(orient="records"),
+        }
+    report["exits"] = {"answer_lens": answer_lens, "min_layer": min_layer, "policies": policies}
+
+    if calib_run is not None:
+        calibrated = []
+        for policy in policies:
+            for target in exits.TARGETS if policy != "oracle" else ["best-accuracy"]:
+                calibrated.append(exits.calibrate(calib_run, run, policy, target, answer_lens, min_layer,
+                                                  per_layer=per_layer, epsilon=epsilon, max_drop=max_drop,
+                                                  map_cost=map_cost))
+        report["calibrated"] = calibrated
+    report = _clean(report)
+    if write:
+        atomic_write_json(run.path / REPORT_FILE, report)
+    return report
+
+
+def format_report(report: dict, max_rows: int = 8) -> str:
+    """The report's tables as text."""
+    lines = [f"run {report['run']}: {report['model']} on {report['task']}, {report['n_examples']} examples, "
+             f"final accuracy {report['final_accuracy']:.3f}", ""]
+    per_layer = report["per_layer"]
+    names = [n for n in report["lenses"] if n in per_layer]
+    lines.append(f"{'layer':>5} " + " ".join(f"{n[:21]:>21}" for n in names))
+    lines.append(f"{'':>5} " + " ".join(f"{'acc':>10} {'fid':>10}" for _ in names))
+    for i, layer in enumerate(per_layer[names[0]]["layer"]):
+        lines.append(f"{layer:>5} " + " ".join(
+            f"{per_layer[n]['accuracy'][i]:>10.3f} {per_layer[n]['fidelity'][i]:>10.3f}" for n in names))
+    gains = report["iso_compute"]["gains"]
+    lines.append("")
+    if "simlens_vs_logit" in gains:
+        g = gains["simlens_vs_logit"]
+        lines.append(f"Iso-Compute gain of SimLens over the logit lens ({g['unit']}): {g['gain'] * 100:+.2f} points, "
+                     f"mean over {len(g['budgets'])} budgets from {g['relative_budgets'][0]:.3f} to 1.0 of the full model")
+    else:
+        lines.append("Iso-Compute gain: needs both the logit lens and SimLens in the run")
+    policies = report["exits"]["policies"]
+    if policies:
+        lines.append("")
+        lines.append(f"exit operating points (answer: {report['exits']['answer_lens']}, min layer {report['exits']['min_layer']}; "
+                     "Pareto front, cheapest first)")
+        lines.append(f"{'policy':<15} {'threshold':>10} {'accuracy':>9} {'fidelity':>9} {'mean exit':>9} {'speedup':>8}")
+        for policy, body in policies.items():
+            front = body["pareto"]
+            step = max(1, math.ceil(len(front) / max_rows))
+            shown = front[::step] + ([front[-1]] if (len(front) - 1) % step else [])
+            for row in shown:
+                thr = "-" if row["threshold"] is None else f"{row['threshold']:.4g}"
+                lines.append(f"{policy:<15} {thr:>10} {row['accuracy']:>9.3f} {row['fidelity']:>9.3f} "
+                             f"{row['mean_exit_layer']:>9.2f} {row['layer_token_speedup']:>7.2f}x")
+    if report.get("calibrated"):
+        lines.append("")
+        lines.append("calibrated on " + report["calibrated"][0]["calib_run"] + ", reported on this run")
+        for result in report["calibrated"]:
+            lines.append(exits.format_calibration(result))
+    return "\n".join(lines)
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("report", help="print a run's tables and write RUN/report.json")
+    p.add_argument("run", help="a complete run folder")
+    p.add_argument("--calib", help="a calibration run (disjoint examples) to add calibrated exit thresholds")
+    p.add_argument("--answer-lens", default="simlens", choices=exits.ANSWER_LENSES)
+    p.add_argument("--min-layer", type=int, default=0, help="no exit before this readout point")
+    p.add_argument("--per-layer", action="store_true", help="calibrate one threshold per layer")
+    p.add_argument("--epsilon", type=float, default=0.01, help="fidelity target 1 - epsilon (default 0.01)")
+    p.add_argument("--max-drop", type=float, default=0.01, help="accuracy drop allowed by the max-drop target (default 0.01)")
+    p.add_argument("--n-budgets", type=int, default=50, help="budgets in the Iso-Compute grid (default 50)")
+    p.add_argument("--flops", action="store_true", help="Iso-Compute in FLOPs (loads the model's config)")
+    p.set_defaults(handler=cmd_report)
+    exits.add_cli(sub)
+
+
+def cmd_report(args) -> int:
+    dims = None
+    unit = "layer-token"
+    if args.flops:
+        from lensbench.models import load_model
+
+        spec = open_run(args.run).manifest["model"]["spec"]
+        model, _ = load_model(spec, "cpu", "float32")
+        dims = compute.ModelDims.from_cfg(model.cfg)
+        unit = "flop"
+    report = build_report(args.run, args.calib, n_budgets=args.n_budgets, unit=unit, dims=dims,
+                          answer_lens=args.answer_lens, min_layer=args.min_layer, epsilon=args.epsilon,
+                          max_drop=args.max_drop, per_layer=args.per_layer)
+    print(format_report(report))
+    print(f"\nwritten: {Path(args.run) / REPORT_FILE}")
+    return 0
