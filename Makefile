@@ -28,3 +28,11 @@ app: setup
 
 clean-runs:
 	rm -rf runs/demo
+
+# Every figure and table (analyses/README.md): makes the runs it needs when they are missing
+# (smollm2-135m on ARC-Easy, ARC-Challenge, BoolQ, MedMCQA by default), reuses those that exist.
+# Options through FIGURES_ARGS, e.g.
+#   make figures FIGURES_ARGS="--models qwen2.5-coder-0.5b --limit 500 --device cuda"
+FIGURES_ARGS ?=
+figures: setup browser
+	$(PY) -m analyses.make_all $(FIGURES_ARGS)
