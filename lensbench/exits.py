@@ -471,8 +471,15 @@ class SimExitExecutor:
     def _readout(self, x: Float[Tensor, "n d_model"], cand: Int[Tensor, "n cand"], mask) -> tuple[Tensor, Tensor]:
         from lensbench.readout import unembed
 
-        logits = unembed(self.model, x)
-        cand_logits = logits.gather(1, cand.to(logits.device)).masked_fill(~mask.to(logits.device), -torch.inf)
+        model = self.model
+        if self.entropy_mode == "vocab":
+            logits = unembed(model, x)
+            cand_logits = logits.gather(1, cand.to(logits.device))
+        else:  # only the candidates' columns of W_U: the cheap readout the cost model counts
+            normed = model.ln_final(x.to(model.W_U.device)[:, None, :])[:, 0]
+            cand = cand.to(normed.device)
+            cand_logits = (torch.einsum("nd,ncd->nc", normed, model.W_U.T[cand]) + model.b_U[cand]).float()
+        cand_logits = cand_logits.masked_fill(~mask.to(cand_logits.device), -torch.inf)
         cand_logprobs = torch.log_softmax(cand_logits, -1)
         source = cand_logprobs if self.entropy_mode == "candidates" else torch.log_softmax(logits, -1)
         return _entropy(source), cand_logprobs.argmax(-1)
