@@ -36,3 +36,11 @@ clean-runs:
 FIGURES_ARGS ?=
 figures: setup browser
 	$(PY) -m analyses.make_all $(FIGURES_ARGS)
+
+# Throughput and peak memory: plain forward vs lens sweep vs naive loop vs SimExit
+# (benchmarks/throughput.py; prints figures, asserts nothing). Options through BENCH_ARGS, e.g.
+#   make bench BENCH_ARGS="--model random:llama2-7b-shape --device cuda --dtype bfloat16 --batch-size auto"
+# The GPU suite: bash benchmarks/gpu_suite.sh (see docs/performance.md).
+BENCH_ARGS ?=
+bench: setup
+	$(PY) benchmarks/throughput.py $(BENCH_ARGS)
