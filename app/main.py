@@ -19,14 +19,14 @@ import streamlit as st  # noqa: E402
 
 from app import ui  # noqa: E402
 
-st.set_page_config(page_title="lensbench", page_icon="🔎", layout="wide")
+st.set_page_config(page_title="lensbench", page_icon=":material/search:", layout="wide")
 
 PAGES = [
-    st.Page("app_pages/runs.py", title="Runs", icon="📊", url_path="runs", default=True),
-    st.Page("app_pages/trajectories.py", title="Trajectories", icon="🧭", url_path="trajectories"),
-    st.Page("app_pages/roles.py", title="Roles", icon="🎭", url_path="roles"),
-    st.Page("app_pages/exits.py", title="Exits", icon="🚪", url_path="exits"),
-    st.Page("app_pages/live.py", title="Live probe", icon="🧪", url_path="live"),
+    st.Page("app_pages/runs.py", title="Runs", icon=":material/monitoring:", url_path="runs", default=True),
+    st.Page("app_pages/trajectories.py", title="Trajectories", icon=":material/timeline:", url_path="trajectories"),
+    st.Page("app_pages/roles.py", title="Roles", icon=":material/theater_comedy:", url_path="roles"),
+    st.Page("app_pages/exits.py", title="Exits", icon=":material/logout:", url_path="exits"),
+    st.Page("app_pages/live.py", title="Live probe", icon=":material/science:", url_path="live"),
 ]
 
 page = st.navigation(PAGES)

@@ -54,6 +54,12 @@ def sidebar() -> None:
     st.session_state["_lb_broken"] = broken
     if runs:
         paths = [str(r.path) for r in runs]
+        by_name = {r.name: str(r.path) for r in runs}
+        requested = st.query_params.get("run")
+        if requested in by_name and not st.session_state.get("_lb_run_from_url"):
+            # `?run=NAME` picks the run on the first load (a shareable link)
+            st.session_state["run"] = by_name[requested]
+            st.session_state["_lb_run_from_url"] = True
         if st.session_state.get("run") not in paths:
             complete = [str(r.path) for r in runs if r.status == "complete"]
             st.session_state["run"] = (complete or paths)[0]
@@ -137,7 +143,7 @@ def run_page(page) -> None:
         st.error(f"This page could not be shown: {type(exc).__name__}: {exc}")
     st.session_state["_lb_renders"] = st.session_state.get("_lb_renders", 0) + 1
     elapsed = time.perf_counter() - start
-    st.caption(f"⏱ {page.title} rendered in {elapsed:.2f} s · render {st.session_state['_lb_renders']}")
+    st.caption(f"{page.title} rendered in {elapsed:.2f} s · render {st.session_state['_lb_renders']}")
 
 
 def plot(fig, key: str) -> None:

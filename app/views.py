@@ -12,6 +12,11 @@ from lensbench import plotting
 from app import ui
 
 
+def _one_line(text: str) -> str:
+    # Markdown ends a raw HTML block at a blank line: keep the block on one source line.
+    return html.escape(text).replace("\n", "&#10;")
+
+
 def prompt_html(prompt: str, start_token: str, answer_token: str) -> str:
     """The prompt with the start token `[s]` (prepended by the runner) and the answer
     position `[a]` (the last prompt token) marked."""
@@ -20,12 +25,12 @@ def prompt_html(prompt: str, start_token: str, answer_token: str) -> str:
     if answer_token and body.endswith(answer_token):
         body, tail = body[: -len(answer_token)], answer_token
     start = (f'<span class="lb-s" title="start token [s]" style="background:#fde2e2;border:1px solid #d62728;'
-             f'border-radius:3px;padding:0 2px"><b>[s]</b> {html.escape(start_token)}</span>')
+             f'border-radius:3px;padding:0 2px"><b>[s]</b> {_one_line(start_token)}</span>')
     answer = (f'<span class="lb-a" title="answer position [a]" style="background:#dbeafe;border:1px solid #1f77b4;'
-              f'border-radius:3px;padding:0 2px">{html.escape(tail) or "∅"} <b>[a]</b></span>')
+              f'border-radius:3px;padding:0 2px">{_one_line(tail) or "∅"} <b>[a]</b></span>')
     return (f'<div class="lb-prompt" style="white-space:pre-wrap;font-family:monospace;font-size:0.9em;'
             f'border:1px solid #ddd;border-radius:6px;padding:8px;max-height:320px;overflow:auto">'
-            f"{start}{html.escape(body)}{answer}</div>")
+            f"{start}{_one_line(body)}{answer}</div>")
 
 
 def show_prompt(example: pd.Series) -> None:
@@ -46,7 +51,8 @@ def topk_table(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def show_trajectories(traj: pd.DataFrame, example: pd.Series, lenses: list[str], key: str, per_row: int = 3) -> None:
-    """Candidate-probability heatmaps, one per lens side by side, and the top-k tokens per layer.
+    """Candidate-probability heatmaps, one per lens side by side (one figure), and the top-k
+    tokens per layer.
 
     traj: rows of one example (`data.trajectory`); example: its row of examples.parquet.
     """
@@ -56,18 +62,16 @@ def show_trajectories(traj: pd.DataFrame, example: pd.Series, lenses: list[str],
     if not lenses:
         st.info("Choose at least one lens.")
         return
-    for start in range(0, len(lenses), per_row):
-        columns = st.columns(per_row)
-        for column, lens in zip(columns, lenses[start : start + per_row]):
-            rows = traj[traj["lens"] == lens].sort_values("layer")
-            probs = np.exp(np.stack([np.asarray(v, dtype=float) for v in rows["candidate_logprobs"]]))
-            final = rows.iloc[-1]
-            with column:
-                fig = plotting.candidate_heatmap(
-                    rows["layer"].tolist(), choices, probs, gold=gold, decisions=rows["decision"].tolist(),
-                    title=f"{plotting.lens_label(lens)}<br><sup>final: {final['decision_token']!r}</sup>", height=480,
-                )
-                ui.plot(fig, key=f"{key}-heat-{lens}")
+    panels = []
+    for lens in lenses:
+        rows = traj[traj["lens"] == lens].sort_values("layer")
+        probs = np.exp(np.stack([np.asarray(v, dtype=float) for v in rows["candidate_logprobs"]]))
+        panels.append({
+            "title": f"{plotting.lens_label(lens)} → {rows.iloc[-1]['decision_token']!r}",
+            "layers": rows["layer"].tolist(), "probs": probs, "decisions": rows["decision"].tolist(),
+        })
+    fig = plotting.candidate_heatmaps(panels, choices, gold=gold, per_row=per_row)
+    ui.plot(fig, key=f"{key}-heatmaps")
     lens = st.selectbox("Top-k vocabulary tokens per layer under", lenses, key=f"{key}-topk-lens",
                         format_func=plotting.lens_label)
     st.dataframe(topk_table(traj[traj["lens"] == lens]), height=420)

@@ -387,6 +387,56 @@ def save_figure(fig: go.Figure, out_dir: str | Path, stem: str, formats: Sequenc
 # 5. One example: trajectories and exit traces (used by the app)
 # ---------------------------------------------------------------------------------------------
 
+def _candidate_labels(candidates: Sequence[str], gold: int | None) -> list[str]:
+    labels = [repr(c)[1:-1] + (" ✓" if gold is not None and i == gold else "") for i, c in enumerate(candidates)]
+    seen: dict[str, int] = {}
+    for i, label in enumerate(labels):  # category labels must be unique on a plotly axis
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > 1:
+            labels[i] = f"{label} ({seen[label]})"
+    return labels
+
+
+def candidate_heatmaps(
+    panels: Sequence[Mapping],
+    candidates: Sequence[str],
+    gold: int | None = None,
+    per_row: int = 3,
+    panel_height: int = 460,
+    title: str | None = None,
+) -> go.Figure:
+    """Candidate probabilities per readout layer for one example, one heatmap per lens, side by side.
+
+    panels: `[{"title": str, "layers": [...], "probs": (layer, candidate), "decisions": [...] or None}]`,
+    with `probs` the `exp` of the stored `candidate_logprobs`; candidates: the candidate tokens
+    (columns); gold: the gold candidate's column (✓ in its label); decisions: the decided column
+    per layer, marked with a red dot.
+    """
+    import numpy as np
+
+    labels = _candidate_labels(candidates, gold)
+    n_cols = max(1, min(per_row, len(panels)))
+    n_rows = max(1, -(-len(panels) // n_cols))
+    fig = make_subplots(rows=n_rows, cols=n_cols, subplot_titles=[p.get("title", "") for p in panels],
+                        horizontal_spacing=0.06, vertical_spacing=0.12 / n_rows + 0.04)
+    for i, panel in enumerate(panels):
+        row, col = i // n_cols + 1, i % n_cols + 1
+        layers = list(panel["layers"])
+        fig.add_trace(go.Heatmap(
+            z=np.asarray(panel["probs"], dtype=float), x=labels, y=layers, colorscale="Blues", zmin=0, zmax=1,
+            coloraxis="coloraxis", hovertemplate=f"{panel.get('title', '')}<br>layer %{{y}}<br>%{{x}}<br>p = %{{z:.3f}}<extra></extra>",
+        ), row=row, col=col)
+        if panel.get("decisions") is not None:
+            fig.add_trace(go.Scatter(
+                x=[labels[int(d)] for d in panel["decisions"]], y=layers, mode="markers", name="decision",
+                marker=dict(symbol="circle", size=5, color="#d62728"), hoverinfo="skip", showlegend=False,
+            ), row=row, col=col)
+        fig.update_xaxes(type="category", row=row, col=col)
+        fig.update_yaxes(title_text="readout layer" if col == 1 else None, row=row, col=col)
+    fig.update_layout(coloraxis=dict(colorscale="Blues", cmin=0, cmax=1, colorbar=dict(title="p")))
+    return _layout(fig, title, height=panel_height * n_rows + 40)
+
+
 def candidate_heatmap(
     layers: Sequence[int],
     candidates: Sequence[str],
@@ -396,35 +446,9 @@ def candidate_heatmap(
     title: str | None = None,
     height: int = 520,
 ) -> go.Figure:
-    """Candidate probabilities per readout layer for one example under one lens.
-
-    layers: the readout layers (rows); candidates: the candidate tokens (columns); probs:
-    `(layer, candidate)` probabilities (`exp` of the stored `candidate_logprobs`); gold: the
-    gold candidate's column, marked in its label; decisions: the decided column per layer,
-    marked with a dot.
-    """
-    import numpy as np
-
-    z = np.asarray(probs, dtype=float)
-    labels = [repr(c)[1:-1] + (" ✓" if gold is not None and i == gold else "") for i, c in enumerate(candidates)]
-    # category labels must be unique for plotly's axis
-    seen: dict[str, int] = {}
-    for i, label in enumerate(labels):
-        seen[label] = seen.get(label, 0) + 1
-        if seen[label] > 1:
-            labels[i] = f"{label} ({seen[label]})"
-    fig = go.Figure(go.Heatmap(
-        z=z, x=labels, y=list(layers), colorscale="Blues", zmin=0, zmax=1, colorbar=dict(title="p"),
-        hovertemplate="layer %{y}<br>%{x}<br>p = %{z:.3f}<extra></extra>",
-    ))
-    if decisions is not None:
-        fig.add_trace(go.Scatter(
-            x=[labels[int(d)] for d in decisions], y=list(layers), mode="markers", name="decision",
-            marker=dict(symbol="circle", size=6, color="#d62728"), hoverinfo="skip", showlegend=False,
-        ))
-    fig.update_xaxes(title_text="candidate", type="category")
-    fig.update_yaxes(title_text="readout layer")
-    return _layout(fig, title, height=height)
+    """One lens's candidate probabilities per readout layer (`candidate_heatmaps` with one panel)."""
+    panel = {"title": "", "layers": layers, "probs": probs, "decisions": decisions}
+    return candidate_heatmaps([panel], candidates, gold, per_row=1, panel_height=height - 40, title=title)
 
 
 def exit_histogram(exit_layer: Sequence[int], n_layers: int, threshold: float | None = None,

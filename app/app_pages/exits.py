@@ -86,5 +86,7 @@ else:
         }
     ui.plot(plotting.exit_trace_figure(traces, threshold, min_layer,
                                        title=f"confidence of the '{policy}' policy per layer"), key="exits-traces-fig")
-    st.dataframe(sim.assign(example_id=ids).set_index("example_id").loc[picked,
-                 ["exit_layer", "decision", "correct", "agrees_final", "cost", "full_cost"]])
+    table = sim.assign(example_id=ids).set_index("example_id").loc[picked]
+    table.insert(1, "answer", [repr(examples.loc[int(i), "choices"][int(d)])
+                               for i, d in zip(table["example_index"], table["decision"])])
+    st.dataframe(table[["exit_layer", "answer", "correct", "agrees_final", "cost", "full_cost"]])

@@ -1,4 +1,4 @@
-"""A large run folder for the responsiveness check, made by replicating a real run's rows.
+"""Run folders for the app tests: copies of a real run, and a large run for the responsiveness check, made by replicating a real run's rows.
 
 The rows of a real (small) run are tiled until there are `n_examples` examples, each copy with
 fresh example indices and ids; the summary is recomputed with `lensbench.metrics.summarize`, as
@@ -16,6 +16,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lensbench import metrics, store
+
+REPO = Path(__file__).resolve().parents[2]
+APP = REPO / "app" / "main.py"
+ARTIFACTS = REPO / "test-artifacts" / "app"
+
+
+def copy_run(source: Path, target: Path) -> Path:
+    """A copy of a finished run folder (without its resume parts)."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("parts"))
+    manifest = json.loads((target / store.MANIFEST).read_text())
+    manifest["config"]["out"] = str(target)
+    (target / store.MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return target
 
 
 def scale_up(source: Path, out: Path, n_examples: int = 3000) -> Path:
