@@ -213,9 +213,9 @@ def _summary(sim: pd.DataFrame, n_layers: int) -> dict:
         "accuracy": float(sim["correct"].mean()),
         "fidelity": float(sim["agrees_final"].mean()),
         "mean_exit_layer": float(sim["exit_layer"].mean()),
+        "layer_token_speedup": float(sim["full_cost"].sum() / sim["cost"].sum()),
         "exit_rate": float((sim["exit_layer"] < n_layers).mean()),
         "mean_cost": float(sim["cost"].mean()),
-        "layer_token_speedup": float(sim["full_cost"].sum() / sim["cost"].sum()),
         "n_examples": int(len(sim)),
     }
 
