@@ -618,11 +618,14 @@ def add_cli(sub) -> None:
     p.add_argument("--start-token", help="text of the start token [s] (default: BOS, else EOS)")
     p.add_argument("--skip-invalid", action="store_true", help="skip examples whose candidates are not single tokens")
     p.add_argument("--overwrite", action="store_true", help="replace a lens in --out")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's; 1 is fastest on a busy machine)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(handler=cmd_fit_linear)
 
 
 def cmd_fit_linear(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = FitConfig(
         out=args.out, model=args.model, task=args.task, split=args.split, limit=args.limit, target=args.target,
         objective=args.objective, init=args.init, steps=args.steps, lr=args.lr, fit_batch=args.fit_batch,

@@ -23,6 +23,15 @@ from lensbench.lenses.linear import (
 )
 from lensbench.readout import ReadoutPoint, SlotResiduals
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Many small ops: one thread avoids oversubscription on a shared CPU (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 
 def known_map(d: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
