@@ -48,7 +48,7 @@ if [ $QUICK -eq 1 ]; then
   BIG=random:tiny-rotary
   COMMON=(--quick --device "$DEVICE")
   MODELS=("big|$BIG|bfloat16" "smollm2-135m|smollm2-135m|float32")
-  LIMIT_BIG=120 LIMIT=120 LIMIT_EVAL=120
+  LIMIT_BIG=150 LIMIT=60 LIMIT_EVAL=60
 else
   DEVICE=${DEVICE:-cuda}
   BIG=random:llama2-7b-shape
