@@ -463,7 +463,7 @@ def _eval_loss(readout, objective, weight, bias, src, tgt, cand, mask, chunk: in
 def fit_affine(model, sources: Float[Tensor, "n d_model"], targets: Float[Tensor, "n d_model"],
                candidate_ids: Int[Tensor, "n cand"], candidate_mask: Tensor, objective: str = "candidates-kl",
                init: str = "lstsq", steps: int = 300, lr: float = 1e-3, fit_batch: int = 256, ridge: float = 1e-3,
-               weight_decay: float = 0.0, seed: int = 0, device=None
+               weight_decay: float = 0.0, seed: int = 0, device=None, readout: "_Readout | None" = None
                ) -> tuple[Float[Tensor, "d_model d_model"], Float[Tensor, " d_model"]]:
     """One affine map so that `W_U · LN_final(A h + b)` matches `W_U · LN_final(y)` under
     `objective` (lstsq: closed form; KL: Adam from `init`, `weight_decay` pulls A toward I)."""
@@ -476,7 +476,7 @@ def fit_affine(model, sources: Float[Tensor, "n d_model"], targets: Float[Tensor
         weight, bias = torch.eye(sources.shape[1]), torch.zeros(sources.shape[1])
     if objective == "lstsq" or steps == 0:
         return weight, bias
-    readout = _Readout(model, device)
+    readout = readout if readout is not None else _Readout(model, device)
     src, tgt = sources.to(device), targets.to(device)
     cand, mask = candidate_ids.to(device), candidate_mask.to(device)
     eye = torch.eye(src.shape[1], device=device)
@@ -520,6 +520,7 @@ def fit_linear_lens(model, model_info, data: FitData, cfg: FitConfig, progress: 
         weight, bias = fit_affine(
             model, src[train], tgt[train], data.candidate_ids[train], data.candidate_mask[train], objective,
             cfg.init, cfg.steps, cfg.lr, cfg.fit_batch, cfg.ridge, cfg.weight_decay, cfg.seed + layer,
+            readout=readout,
         )
         dev = model.cfg.device
         args = (data.candidate_ids, data.candidate_mask)

@@ -13,6 +13,7 @@ from lensbench.store import open_run
 
 MODEL = "random:tiny-rotary:1"
 
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Many small ops: one thread avoids oversubscription on a shared CPU (restored after)."""

@@ -23,6 +23,7 @@ from lensbench.lenses.linear import (
 )
 from lensbench.readout import ReadoutPoint, SlotResiduals
 
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Many small ops: one thread avoids oversubscription on a shared CPU (restored after)."""
