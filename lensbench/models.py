@@ -170,6 +170,11 @@ def _atomic_write_text(path: Path, text: str) -> None:
 def shipped_gguf_path(name: str) -> Path:
     """The GGUF of a shipped model, assembled from its chunks (and verified) when needed."""
     shipped = SHIPPED[name]
+    assembled = cache_root() / "gguf" / f"{name}.gguf"
+    if shipped.sha256 is not None and assembled.exists() and _sha256(assembled) == shipped.sha256:
+        # Already assembled (or copied in by hand, e.g. onto a machine with no registry):
+        # the pinned hash is what makes the file trustworthy, not the packages.
+        return assembled
     parts = []
     for package, rel in zip(shipped.packages, shipped.files):
         spec = importlib.util.find_spec(package)  # never import: some packages run code at import
@@ -280,10 +285,16 @@ def _load_cached(folder: Path, device: str, dtype: torch.dtype, n_ctx: int, n_de
 
 
 def embedded_tokenizer():
-    """The embedded model's tokenizer (used by random-weight models)."""
-    folder = _convert_to_cache(shipped_gguf_path(DEFAULT_MODEL), "gguf", _sha256(shipped_gguf_path(DEFAULT_MODEL)), DEFAULT_N_CTX)
+    """The tokenizer of random-weight models: the embedded model's, or the saved tokenizer
+    folder named by `$LENSBENCH_TOKENIZER`."""
     from transformers import AutoTokenizer
 
+    if os.environ.get("LENSBENCH_TOKENIZER"):
+        tokenizer = AutoTokenizer.from_pretrained(os.environ["LENSBENCH_TOKENIZER"])
+        tokenizer.padding_side = "right"
+        return tokenizer
+    gguf = shipped_gguf_path(DEFAULT_MODEL)
+    folder = _convert_to_cache(gguf, "gguf", _sha256(gguf), DEFAULT_N_CTX)
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     tokenizer.padding_side = "right"
     return tokenizer

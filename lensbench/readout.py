@@ -157,13 +157,24 @@ def unembed(model, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_
 # --- rotary positions for continuations -------------------------------------------------
 
 
-def _apply_rotary_at(attn, position_ids: Int[Tensor, "row pos"], x, past_kv_pos_offset=0, attention_mask=None):
+def ensure_rotary_length(model, needed: int) -> None:
+    """Grow every rotary table to at least `needed` positions."""
+    if model.cfg.positional_embedding_type != "rotary":
+        return
+    for block in model.blocks:
+        attn = block.attn
+        if needed > attn.rotary_cos.shape[0]:
+            attn._extend_rotary_embeddings(max(needed, 2 * attn.rotary_cos.shape[0]))
+
+
+def _apply_rotary_at(attn, position_ids: Int[Tensor, "row pos"], x, past_kv_pos_offset=0, attention_mask=None, check=True):
     """TransformerLens's rotary, at explicit per-row positions (e.g. the original (0, T-1))."""
     rotary_dim = attn.cfg.rotary_dim
     position_ids = position_ids.to(attn.rotary_cos.device)
-    needed = int(position_ids.max()) + 1
-    if needed > attn.rotary_cos.shape[0]:
-        attn._extend_rotary_embeddings(max(needed, 2 * attn.rotary_cos.shape[0]))
+    if check:
+        needed = int(position_ids.max()) + 1
+        if needed > attn.rotary_cos.shape[0]:
+            attn._extend_rotary_embeddings(max(needed, 2 * attn.rotary_cos.shape[0]))
     x = x.to(attn.rotary_cos.device)
     x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
     cos = attn.rotary_cos[position_ids][:, :, None, :]
@@ -173,7 +184,7 @@ def _apply_rotary_at(attn, position_ids: Int[Tensor, "row pos"], x, past_kv_pos_
 
 
 @contextlib.contextmanager
-def rotary_positions(model, position_ids: Int[Tensor, "row pos"] | None, blocks: range | None = None):
+def rotary_positions(model, position_ids: Int[Tensor, "row pos"] | None, blocks: range | None = None, check: bool = True):
     """Make every attention layer (in `blocks`) use `position_ids` for its rotary embedding.
 
     A no-op for `None` or for models without rotary embeddings: learned absolute positions
@@ -185,7 +196,7 @@ def rotary_positions(model, position_ids: Int[Tensor, "row pos"] | None, blocks:
     patched = []
     for k in blocks if blocks is not None else range(model.cfg.n_layers):
         attn = model.blocks[k].attn
-        attn.apply_rotary = partial(_apply_rotary_at, attn, position_ids)
+        attn.apply_rotary = partial(_apply_rotary_at, attn, position_ids, check=check)
         patched.append(attn)
     try:
         yield

@@ -30,6 +30,7 @@ from lensbench.readout import (
     SlotResiduals,
     block_device,
     collect_slots,
+    ensure_rotary_length,
     rotary_positions,
     unembed,
 )
@@ -215,48 +216,63 @@ def continue_slots(
     if capture_attention and n_slots == 2:
         attention = torch.full((n, n_layers, model.cfg.n_heads), float("nan"), device=z.device)
     out = torch.empty(n, z.shape[-1], dtype=z.dtype, device=z.device)
+    final_rows: list[int] = []
     joining_pre: dict[int, list[int]] = {}
     joining_mid: dict[int, list[int]] = {}
     for i, point in enumerate(starts):
         if point.is_final:
-            out[i] = z[i, -1]
+            final_rows.append(i)
         elif point.site == "mid":
             joining_mid.setdefault(point.layer, []).append(i)
         else:
             joining_pre.setdefault(point.layer, []).append(i)
 
-    active_ids: list[int] = []
-    active: Tensor | None = None
+    # Rows are laid out in joining order and every index is built on the host before the
+    # loop, so the loop itself never synchronises host and device.
+    order: list[int] = []
+    bounds: dict[int, tuple[int, int, int]] = {}  # k -> (pre start, rows running block k, mid end)
+    for k in range(n_layers):
+        pre_start = len(order)
+        order += joining_pre.get(k, [])
+        running = len(order)
+        order += joining_mid.get(k, [])
+        bounds[k] = (pre_start, running, len(order))
+    if final_rows:
+        out[torch.tensor(final_rows).to(z.device)] = z[torch.tensor(final_rows).to(z.device), -1]
+    if not order:
+        return out, attention
+    order_t = torch.tensor(order, dtype=torch.long).to(z.device)
+    z_ordered = z[order_t]
+    ordered_pos = None if position_ids is None else position_ids[order_t]
+    if ordered_pos is not None:
+        ensure_rotary_length(model, int(ordered_pos.max()) + 1)  # one sync, not one per block
     current: dict[str, Tensor] = {}
 
-    def pattern_hook(pattern, hook, k):
+    def pattern_hook(pattern, hook):
         current["pattern"] = pattern[:, :, 1, 0].float()
 
+    active: Tensor | None = None
     with torch.inference_mode():
         for k in range(n_layers):
             device = block_device(model, k)
-            if k in joining_pre:
-                new = z[joining_pre[k]].to(device)
+            pre_start, running, mid_end = bounds[k]
+            if running > pre_start:
+                new = z_ordered[pre_start:running].to(device)
                 active = new if active is None else torch.cat([active.to(device), new])
-                active_ids += joining_pre[k]
-            if active is not None:
+            if active is not None and running > 0:
                 active = active.to(device)
-                ids = torch.tensor(active_ids, device=z.device)
-                positions = None if position_ids is None else position_ids[ids]
-                hooks = [(f"blocks.{k}.attn.hook_pattern", partial(pattern_hook, k=k))] if attention is not None else []
-                with rotary_positions(model, positions, range(k, k + 1)), model.hooks(fwd_hooks=hooks):
+                positions = None if ordered_pos is None else ordered_pos[:running]
+                hooks = [(f"blocks.{k}.attn.hook_pattern", pattern_hook)] if attention is not None else []
+                with rotary_positions(model, positions, range(k, k + 1), check=False), model.hooks(fwd_hooks=hooks):
                     active = model.blocks[k](active)
                 if attention is not None:
-                    attention[ids, k] = current.pop("pattern").to(z.device)
-            if k in joining_mid:
-                ids_mid = joining_mid[k]
-                positions = None if position_ids is None else position_ids[ids_mid]
-                with rotary_positions(model, positions, range(k, k + 1)):
-                    new = _mlp_half(model, k, z[ids_mid].to(device))
+                    attention[order_t[:running], k] = current.pop("pattern").to(z.device)
+            if mid_end > running:
+                positions = None if ordered_pos is None else ordered_pos[running:mid_end]
+                with rotary_positions(model, positions, range(k, k + 1), check=False):
+                    new = _mlp_half(model, k, z_ordered[running:mid_end].to(device))
                 active = new if active is None else torch.cat([active, new])
-                active_ids += ids_mid
-        if active is not None:
-            out[torch.tensor(active_ids, device=z.device)] = active[:, -1].to(z.device)
+        out[order_t] = active[:, -1].to(z.device)
     return out, attention
 
 
