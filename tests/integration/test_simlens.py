@@ -1,0 +1,151 @@
+"""SimLens: the fast path agrees with the hook formulation (and with `start_at_layer`), the
+boundary cases of METHOD.md hold, and every slot source builds the input it should."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lensbench.lenses import LensBatch, RunContext, SimLens
+from lensbench.lenses.simlens import Ablation, SlotSource, parse_ablation, simlens_logits_naive
+from lensbench.readout import collect_slots, pad_right, readout_points, unembed
+from lensbench.tasks import encode_examples, load_task, start_token_id
+
+ABLATIONS = ["none", "drop-s", "drop-a", "a=swap", "s=zero", "s=mean", "a=layer:1", 's=token:" the"', "a=position:-2", "s=example:1"]
+
+
+def make_batch(model, n=5, site="pre"):
+    examples = load_task("capitals")[:n]
+    start = start_token_id(model.tokenizer)
+    encoded, _ = encode_examples(examples, model.tokenizer, start, model.cfg.n_ctx)
+    points = readout_points(model, site)
+    tokens, lengths = pad_right([e.tokens for e in encoded], start, "cpu")
+    slots = collect_slots(model, tokens, lengths, points, extra_positions=(-2,))
+    ctx = RunContext(model, points, {e.index: e for e in encoded}, start, batch_size=2)
+    batch = LensBatch(model, slots, len(encoded), torch.tensor([e.index for e in encoded]))
+    return ctx, batch, encoded, tokens, lengths
+
+
+def lens_for(spec, ctx, positions="consecutive"):
+    lens = SimLens(Ablation() if spec == "none" else parse_ablation(spec), positions)
+    lens.prepare(ctx)
+    return lens
+
+
+@pytest.mark.parametrize("model_name", ["tiny_rotary", "tiny_learned", "embedded"])
+@pytest.mark.parametrize("positions", ["consecutive", "original"])
+def test_fast_path_equals_hook_formulation(request, model_name, positions):
+    model = request.getfixturevalue(model_name)
+    model = model[0] if isinstance(model, tuple) else model
+    ctx, batch, *_ = make_batch(model)
+    specs = ABLATIONS if model_name != "embedded" else ["none", "drop-s", "drop-a", "a=swap"]
+    # Every point on the tiny models; a spread of points (both ends included) on the 30-layer one.
+    points = range(len(ctx.points)) if model_name != "embedded" else [0, 1, 8, 15, 22, 29, 30]
+    for spec in specs:
+        lens = lens_for(spec, ctx, positions)
+        fast = unembed(model, lens.final_residuals(batch).resid)
+        for point_index in points:
+            reference = lens.logits_hooked(batch, point_index)
+            assert torch.allclose(fast[point_index], reference, atol=2e-4, rtol=1e-4), (spec, point_index)
+            assert torch.equal(fast[point_index].argmax(-1), reference.argmax(-1))
+
+
+def test_start_at_layer_formulation_agrees(tiny_rotary):
+    ctx, batch, *_ = make_batch(tiny_rotary)
+    lens = lens_for("none", ctx)
+    z, _ = lens.inputs(batch)
+    fast = unembed(tiny_rotary, lens.final_residuals(batch).resid)
+    for point_index, point in enumerate(ctx.points):
+        naive = simlens_logits_naive(tiny_rotary, z[point_index], point)
+        assert torch.allclose(fast[point_index], naive, atol=2e-4)
+
+
+def test_mid_site_fast_path_equals_hooks(tiny_rotary):
+    ctx, batch, *_ = make_batch(tiny_rotary, site="mid")
+    assert ctx.points[1].hook_name == "blocks.1.hook_resid_mid"
+    for spec in ["none", "drop-a"]:
+        lens = lens_for(spec, ctx)
+        fast = unembed(tiny_rotary, lens.final_residuals(batch).resid)
+        for point_index in range(len(ctx.points)):
+            assert torch.allclose(fast[point_index], lens.logits_hooked(batch, point_index), atol=2e-4)
+
+
+def test_boundaries_on_the_embedded_model(embedded):
+    model, _ = embedded
+    ctx, batch, encoded, tokens, lengths = make_batch(model)
+    out = lens_for("none", ctx).final_residuals(batch).resid
+    rows = torch.arange(len(encoded))
+    # l = L: the model's own output at the answer position.
+    full = model(tokens)[rows, lengths - 1]
+    assert torch.allclose(unembed(model, out[-1]), full, atol=1e-3)
+    assert torch.equal(unembed(model, out[-1]).argmax(-1), full.argmax(-1))
+    # l = 0: the model on the two-token prompt [x_0, x_{T-1}].
+    pair = torch.stack([tokens[:, 0], tokens[rows, lengths - 1]], dim=1)
+    two = model(pair)[:, -1]
+    assert torch.allclose(unembed(model, out[0]), two, atol=1e-3)
+    # [s] is a per-layer constant: the same residual for every prompt.
+    assert torch.allclose(batch.slots.s[5], batch.slots.s[5, :1].expand_as(batch.slots.s[5]), atol=1e-5)
+
+
+def test_attention_a_to_s_is_a_probability_and_nan_below_the_point(tiny_rotary):
+    ctx, batch, *_ = make_batch(tiny_rotary)
+    out = lens_for("none", ctx).final_residuals(batch)
+    att = out.attention  # (point, example, block, head)
+    n_layers = tiny_rotary.cfg.n_layers
+    assert att.shape == (n_layers + 1, batch.n_primary, n_layers, tiny_rotary.cfg.n_heads)
+    for point in range(n_layers + 1):
+        below, above = att[point, :, :point], att[point, :, point:]
+        assert torch.isnan(below).all()
+        assert not torch.isnan(above).any()
+        assert ((above >= 0) & (above <= 1)).all()
+
+
+def test_slot_sources_build_the_expected_inputs(tiny_rotary):
+    """Each source against a hand-built input from the gathered residuals."""
+    model = tiny_rotary
+    ctx, batch, encoded, tokens, lengths = make_batch(model)
+    s, a = batch.slots.s, batch.slots.a
+    b = batch.n_primary
+
+    def z_of(spec):
+        return lens_for(spec, ctx).inputs(batch)[0]
+
+    assert torch.equal(z_of("none"), torch.stack([s, a], dim=2))
+    assert torch.equal(z_of("drop-s"), a[:, :, None])
+    assert torch.equal(z_of("drop-a"), s[:, :, None])
+    assert torch.equal(z_of("s=zero")[:, :, 0], torch.zeros_like(s))
+    assert torch.equal(z_of("a=layer:1")[:, :, 1], a[1:2].expand_as(a))
+    # position -2: the token before the answer position, gathered per example.
+    rows = torch.arange(b)
+    cache = {}
+    model.run_with_hooks(tokens, fwd_hooks=[("blocks.2.hook_resid_pre", lambda act, hook: cache.setdefault("h", act.clone()))])
+    assert torch.allclose(z_of("a=position:-2")[2, :, 1], cache["h"][rows, lengths - 2])
+    # example:1: example 1's [s] in every row.
+    assert torch.equal(z_of("s=example:1")[:, :, 0], s[:, 1:2].expand_as(s))
+    # token " the" at position 0 of a run of its own.
+    the = model.tokenizer.encode(" the", add_special_tokens=False)
+    own = {}
+    model.run_with_hooks(torch.tensor([the]), fwd_hooks=[("blocks.3.hook_resid_pre", lambda act, hook: own.setdefault("h", act.clone()))])
+    assert torch.allclose(z_of('s=token:" the"')[3, :, 0], own["h"][0, 0].expand(b, -1))
+    # mean: the average over the run's examples (all five here).
+    assert torch.allclose(z_of("a=mean")[:, :, 1], a.mean(1, keepdim=True).expand_as(a), atol=1e-5)
+    # swap: a derangement, every example's [a] comes from its donor.
+    lens = lens_for("a=swap", ctx)
+    donors = [lens.donor_of(i) for i in range(b)]
+    assert sorted(donors) == list(range(b)) and all(d != i for i, d in enumerate(donors))
+    assert torch.equal(lens.inputs(batch)[0][:, :, 1], a[:, donors])
+    other_seed = SimLens(Ablation(a=SlotSource("swap", 1)))
+    other_seed.prepare(ctx)
+    assert [other_seed.donor_of(i) for i in range(b)] != donors or b < 3
+
+
+def test_bad_sources_are_clear_errors(tiny_rotary):
+    from lensbench.errors import LensbenchError
+
+    ctx, batch, *_ = make_batch(tiny_rotary)
+    with pytest.raises(LensbenchError, match="beyond the model"):
+        lens_for("a=layer:99", ctx)
+    with pytest.raises(LensbenchError, match="not an example of this run"):
+        lens_for("s=example:40", ctx)
+    with pytest.raises(LensbenchError, match="must be one"):
+        lens_for('s=token:" the cat"', ctx)
