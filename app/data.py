@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -131,22 +130,7 @@ def operating_curve(path: str, stamp: int, policy: str, answer_lens: str, min_la
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def operating_point(path: str, stamp: int, policy: str, answer_lens: str, min_layer: int, threshold: float) -> dict:
-    """The accuracy, fidelity, speedup... at one threshold (one row of `exits.curve_of`)."""
-    data = exit_data(path, stamp, policy, answer_lens, min_layer)
-    return exits.curve_of(data, [threshold]).iloc[0].to_dict()
-
-
-@st.cache_data(show_spinner=False, max_entries=256)
 def simulated_exits(path: str, stamp: int, policy: str, answer_lens: str, min_layer: int, threshold: float) -> pd.DataFrame:
     """`exits.simulate_exits` at one threshold: one row per example."""
     return exits.simulate_exits(light_predictions(path, stamp), examples(path, stamp), policy, threshold,
                                 answer_lens, min_layer, map_cost=map_cost(path, stamp))
-
-
-def confidence_range(data: exits.ExitData) -> float:
-    """The largest confidence (entropy) a policy sees at the layers it checks (for the slider)."""
-    if data.confidence is None:
-        return 1.0
-    checked = data.confidence[:, data.min_layer : data.n_layers]
-    return float(np.nanmax(checked)) if checked.size else 1.0

@@ -132,6 +132,7 @@ def run_page(page) -> None:
     """Run a page: a library error is a message, any other error a short one (its traceback
     goes to the server log, never into the page); then the render-time footer."""
     start = time.perf_counter()
+    st.session_state["_lb_plots"] = 0
     try:
         page.run()
     except PageEnd:
@@ -143,8 +144,20 @@ def run_page(page) -> None:
         st.error(f"This page could not be shown: {type(exc).__name__}: {exc}")
     st.session_state["_lb_renders"] = st.session_state.get("_lb_renders", 0) + 1
     elapsed = time.perf_counter() - start
-    st.caption(f"{page.title} rendered in {elapsed:.2f} s · render {st.session_state['_lb_renders']}")
+    # The plot count lets a browser test wait until every figure of this render is drawn.
+    st.caption(f"{page.title} rendered in {elapsed:.2f} s · render {st.session_state['_lb_renders']} · "
+               f"{st.session_state['_lb_plots']} plots")
+
+
+def distinct_labels(numbers: list[float]) -> list[str]:
+    """Short labels for distinct numbers, with as many significant digits as keep them distinct."""
+    for digits in range(3, 17):
+        labels = [f"{x:.{digits}g}" for x in numbers]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [repr(x) for x in numbers]
 
 
 def plot(fig, key: str) -> None:
+    st.session_state["_lb_plots"] = st.session_state.get("_lb_plots", 0) + 1
     st.plotly_chart(fig, key=key, config={"displaylogo": False})

@@ -31,17 +31,23 @@ except LensbenchError as exc:
     st.warning(f"The policy '{policy}' cannot run on `{run.name}`: {exc}.{hint}")
     raise ui.PageEnd
 
-upper = round(max(data.confidence_range(prepared), 0.01) * 1.05, 2)
+curve = data.operating_curve(path, stamp, policy, answer_lens, min_layer)
 if policy == "oracle":
     threshold = None
+    point = curve.iloc[0].to_dict()
     st.info("The oracle exits at the first layer from which the answer never changes again: it has no threshold.")
 else:
-    threshold = st.slider("Threshold τ: exit at the first checked layer whose entropy is below τ", 0.0, upper,
-                          value=round(upper / 4, 2), step=max(round(upper / 200, 3), 0.001), key="exits-threshold")
-
-curve = data.operating_curve(path, stamp, policy, answer_lens, min_layer)
+    # The slider runs over the thresholds of the library's sweep (`exits.curve_of`): each step
+    # is a distinct operating point, and the current one is a row of the cached curve.
+    thresholds = curve["threshold"].tolist()
+    labels = ui.distinct_labels(thresholds)
+    choice = st.select_slider(
+        "Threshold τ: exit at the first checked layer whose entropy is below τ", options=labels,
+        value=labels[len(labels) // 4], key=f"exits-threshold-{policy}-{answer_lens}-{min_layer}",
+    )
+    threshold = thresholds[labels.index(choice)]
+    point = curve.iloc[labels.index(choice)].to_dict()
 tau = float("nan") if threshold is None else float(threshold)
-point = data.operating_point(path, stamp, policy, answer_lens, min_layer, tau)
 sim = data.simulated_exits(path, stamp, policy, answer_lens, min_layer, tau)
 
 m = st.columns(5)

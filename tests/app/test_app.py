@@ -203,18 +203,24 @@ def test_exits_page_threshold(app_runs, small, monkeypatch):
     at = make_app(app_runs, monkeypatch, "exits")
     assert at.selectbox(key="exits-policy").value == "logit"
     predictions, examples = small.predictions(), small.examples()
-    slider = at.slider(key="exits-threshold")
+    curve = exits.operating_curve(predictions, examples, "logit")
     summary = small.summary()
+    slider = at.select_slider[0]
+    assert slider.label.startswith("Threshold")
+    assert len(slider.options) == len(curve)  # one step per operating point of the sweep
+    first_shown = metric_values(at)
 
-    slider.set_value(0.0).run()  # nothing is below 0: no example exits early
+    assert float(slider.options[0]) == 0.0
+    slider.set_value(slider.options[0]).run()  # nothing is below 0: no example exits early
     shown = metric_values(at)
     assert shown["accuracy"] == f"{summary['final_accuracy']:.3f}"
     assert shown["mean exit layer"] == f"{summary['final_layer']:.1f}" and shown["exit rate"] == "0.00"
     hist = traces(figures(at)[1], "bar")[0]
     assert values(hist["y"])[-1] == summary["n_examples"]
+    assert shown != first_shown
 
-    top = at.slider(key="exits-threshold").max
-    at.slider(key="exits-threshold").set_value(top).run()
+    top = float(curve["threshold"].max())
+    at.select_slider[0].set_value(at.select_slider[0].options[-1]).run()
     assert not at.exception
     sim = exits.simulate_exits(predictions, examples, "logit", top)
     shown = metric_values(at)
@@ -222,6 +228,11 @@ def test_exits_page_threshold(app_runs, small, monkeypatch):
     assert shown["mean exit layer"] == f"{sim['exit_layer'].mean():.1f}"
     counts = np.bincount(sim["exit_layer"], minlength=summary["final_layer"] + 1)
     assert values(traces(figures(at)[1], "bar")[0]["y"]) == counts.tolist()
+    tradeoff = figures(at)[0]
+    star = [t for t in traces(tradeoff) if t.get("marker", {}).get("symbol") == "star"][0]
+    row = curve.iloc[-1]
+    assert values(star["x"])[0] == pytest.approx(row["layer_token_speedup"])
+    assert values(star["y"])[0] == pytest.approx(row["accuracy"])
     trace_fig = figures(at)[2]
     assert any(shape.get("y0") == pytest.approx(top) for shape in trace_fig["layout"]["shapes"])  # threshold line
 
@@ -235,7 +246,7 @@ def test_exits_policies(app_runs, monkeypatch):
     at.selectbox(key="exits-policy").set_value("oracle").run()
     assert not at.exception
     assert any("no threshold" in i for i in texts(at, "info"))
-    assert len(figures(at)) == 2 and not at.get("slider")  # the oracle's point and its exit layers
+    assert len(figures(at)) == 2 and not at.select_slider  # the oracle's point and its exit layers
     at.selectbox(key="exits-policy").set_value("simlens").run()
     assert not at.exception and len(figures(at)) == 3
 
