@@ -385,12 +385,13 @@ def prepare(cfg: EvalConfig, model=None, model_info: ModelInfo | None = None):
     """Load and check everything before compute: model, task, lenses, encoded examples."""
     cfg.validate()
     examples = load_task(cfg.task)
+    # Lenses and ablations are checked before the (slow) model load, so a typo fails at once.
+    lenses = build_lenses(cfg.lenses, cfg.ablations, cfg.positions, cfg.linear)
     if model is None:
         model, model_info = load_model(cfg.model, cfg.device, cfg.dtype, cfg.n_ctx, cfg.n_devices)
     elif model_info is None:
         model_info = ModelInfo(cfg.model, None, model.cfg.n_layers, model.cfg.d_model,
                                str(model.cfg.original_architecture), cfg.dtype, str(model.cfg.device))
-    lenses = build_lenses(cfg.lenses, cfg.ablations, cfg.positions, cfg.linear)
     for lens in lenses:
         check = getattr(lens, "check_model", None)
         if check is not None:

@@ -79,7 +79,9 @@ def test_last_readout_point_is_the_models_own_decision(cli_run, embedded, task_f
     out, _ = cli_run
     model, _ = embedded
     preds = open_run(out).predictions()
-    last = preds[preds["layer"] == 30]
+    # drop-[a] reads out at [s] (the prompt-independent prior), so it is not the model there.
+    last = preds[(preds["layer"] == 30) & (preds["lens"] != "simlens[drop-a]")]
+    assert set(last["lens"]) == {"logit", "simlens", "simlens[drop-s]"}
     assert (last["decision"] == last["final_decision"]).all()
     assert last["agrees_final"].all()
     encoded, _ = encode_examples(load_jsonl(task_file), model.tokenizer, start_token_id(model.tokenizer), 4096)
@@ -90,8 +92,9 @@ def test_last_readout_point_is_the_models_own_decision(cli_run, embedded, task_f
         assert (rows["decision"] == own).all(), ex.id
     # fidelity is 1 at the last point, and accuracy there is the final accuracy
     summary = open_run(out).summary()
-    for lens, stats in summary["lenses"].items():
-        assert stats["fidelity"][-1] == 1.0, lens
+    for lens in ("logit", "simlens", "simlens[drop-s]"):
+        assert summary["lenses"][lens]["fidelity"][-1] == 1.0, lens
+        assert summary["lenses"][lens]["accuracy"][-1] == summary["final_accuracy"], lens
 
 
 def test_batched_equals_one_at_a_time(tmp_path, embedded):
