@@ -123,7 +123,8 @@ def collect_slots(
     extra_out = {p: [None] * len(points) for p in extra_positions}
 
     def gather_hook(activation, hook, indices):
-        s = activation[:, 0]
+        # A copy, not a view: a view would keep every layer's whole residual tensor alive.
+        s = activation[:, 0].clone()
         a = _gather_positions(activation, lengths, None)
         extras = {p: _gather_positions(activation, lengths, p) for p in extra_positions}
         for i in indices:
