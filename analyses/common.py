@@ -8,6 +8,7 @@ and exit curves from the report, calibrated thresholds from `lensbench.exits`.
 from __future__ import annotations
 
 import argparse
+import csv
 import re
 import sys
 from pathlib import Path
@@ -184,3 +185,14 @@ def finish(written: list[Path]) -> list[Path]:
     for path in written:
         print(path)
     return written
+
+
+def write_csv(out: str | Path, name: str, rows: list[dict]) -> Path:
+    """`rows` (dicts with the same keys) as OUT/NAME, header first."""
+    path = Path(out) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

@@ -10,7 +10,6 @@ example count). Curves and gains come from the run's report (`lensbench.report`,
 
 from __future__ import annotations
 
-import csv
 import sys
 from pathlib import Path
 
@@ -69,13 +68,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
                     "relative_budget_to": round(gain["relative_budgets"][-1], 4),
                 })
     if rows:
-        path = Path(args.out) / "iso_compute_gains.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        written.append(path)
+        written.append(common.write_csv(args.out, "iso_compute_gains.csv", rows))
     return common.finish(written)
 
 

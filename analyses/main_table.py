@@ -13,7 +13,6 @@ folder holds `simexit_speed.json` (`lensbench calibrate ... --measure-speed --js
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from pathlib import Path
@@ -123,11 +122,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if not rows:
         common.note("no complete runs; no table")
         return common.finish(written)
-    with (out / "main_table.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    written.append(out / "main_table.csv")
+    written.append(common.write_csv(out, "main_table.csv", rows))
     frame = display_frame(rows)
     notes = ("Speedups in layer-token units (wall-clock where measured). * thresholds chosen in-sample "
              "(no calibration run). Accuracy at the operating point in parentheses.")

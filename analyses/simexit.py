@@ -15,7 +15,6 @@ Writes `simexit_<stem>.{png,html}` and `simexit_points.csv` (one row per marked 
 
 from __future__ import annotations
 
-import csv
 import sys
 from pathlib import Path
 
@@ -110,13 +109,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
             rows += [{"model": common.model_name(run), "task": common.task_name(run), "run": str(run.path), **p,
                       "threshold": "per-layer" if isinstance(p["threshold"], dict) else p["threshold"]} for p in points]
     if rows:
-        path = Path(args.out) / "simexit_points.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        written.append(path)
+        written.append(common.write_csv(args.out, "simexit_points.csv", rows))
     return common.finish(written)
 
 

@@ -57,3 +57,13 @@ def small_run(tmp_path_factory, embedded) -> Path:
     cfg = EvalConfig(out=str(out), model="smollm2-135m", task="capitals", lenses="logit,simlens",
                      ablations="drop-s,drop-a,a=swap", limit=12, batch_size=4)
     return run_eval(cfg, model=model, model_info=info, progress=False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Many small ops: one thread avoids oversubscription on a shared CPU (restored after).
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

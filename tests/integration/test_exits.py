@@ -14,13 +14,7 @@ from lensbench import exits, store
 from lensbench.errors import LensbenchError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many small ops: one thread avoids oversubscription on a shared CPU (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- hand-made predictions ----------------------------------------------------------------------
