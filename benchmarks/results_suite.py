@@ -143,8 +143,9 @@ def main(argv=None) -> int:
         return dict(summary_of(out), seconds=round(seconds, 2), run=str(out))
 
     # 1. the logit lens on 200 ARC-Easy examples
-    suite.step(f"issue2-{args.issue2_task}-logit", evaluate, runs / f"{slug}-{args.issue2_task}-logit", args.issue2_task,
-               "logit", args.issue2_limit)
+    if args.issue2_limit > 0:
+        suite.step(f"issue2-{args.issue2_task}-logit", evaluate, runs / f"{slug}-{args.issue2_task}-logit", args.issue2_task,
+                   "logit", args.issue2_limit)
     # 2. SimLens and the slot ablations
     for task in [t for t in args.issue3_tasks.split(",") if t]:
         suite.step(f"issue3-{task}", evaluate, runs / f"{slug}-{task}-roles", task, "logit,simlens",
