@@ -18,7 +18,6 @@ also tarred into DIR. Example (a GPU machine):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tarfile
@@ -42,6 +41,7 @@ from lensbench.models import load_model  # noqa: E402
 from lensbench.report import build_report  # noqa: E402
 from lensbench.runner import EvalConfig, run_eval  # noqa: E402
 from lensbench.store import atomic_write_json, open_run  # noqa: E402
+from lensbench.tasks import pad_token_id  # noqa: E402
 
 
 class Suite:
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
         def speed():
             test = open_run(test_dir)
             encoded, start_id = encoded_examples_of(test, model.tokenizer, args.speed_examples)
-            pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else start_id
+            pad_id = pad_token_id(model.tokenizer, start_id)
             rows = []
             for result in results:
                 if "error" in result or result["policy"] not in ("linear-simlens", "logit"):

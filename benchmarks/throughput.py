@@ -189,7 +189,7 @@ def run(args) -> dict:
     from lensbench.lenses.base import RunContext
     from lensbench.readout import readout_points
     from lensbench.runner import evaluate_batch, is_out_of_memory, make_batches
-    from lensbench.tasks import encode_examples, load_task, start_token_id
+    from lensbench.tasks import encode_examples, load_task, pad_token_id, start_token_id
 
     t0 = time.perf_counter()
     model, info, device = load(args.model, args.device, args.dtype, args.n_ctx)
@@ -202,7 +202,7 @@ def run(args) -> dict:
     examples = load_task(args.task)[: max(n_pool, args.exit_examples, args.naive_examples)]
     encoded, _ = encode_examples(examples, model.tokenizer, start_id, model.cfg.n_ctx, skip_invalid=True)
     points = readout_points(model)
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else start_id
+    pad_id = pad_token_id(model.tokenizer, start_id)
     ctx = RunContext(model, points, {e.index: e for e in encoded}, pad_id, n_pool)
     lenses = build_lenses("logit,simlens", "", "consecutive", [])
     lenses_abl = build_lenses("logit,simlens", args.ablations, "consecutive", [])

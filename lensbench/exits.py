@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from torch import Tensor
 
 from lensbench.compute import DEFAULT_MAP_COST, layer_token_cost
 from lensbench.errors import LensbenchError
+from lensbench.tasks import pad_token_id
 
 POLICIES = ("linear-simlens", "logit", "simlens", "oracle")
 CONFIDENCE_LENS = {"linear-simlens": "linear-simlens", "logit": "logit", "simlens": "simlens", "oracle": None}
@@ -408,11 +408,6 @@ def calibrate(calib_run, test_run, policy: str, target: str, answer_lens: str = 
 # --- the executor: real early stopping -----------------------------------------------------------
 
 
-def _entropy(logprobs: Tensor) -> Tensor:
-    probs = logprobs.exp()
-    return -(probs * torch.where(probs > 0, logprobs, torch.zeros_like(logprobs))).sum(-1)
-
-
 @dataclass
 class ExecutorResult:
     """What an executor run decided, per example (in the order given)."""
@@ -482,7 +477,9 @@ class SimExitExecutor:
         cand_logits = cand_logits.masked_fill(~mask.to(cand_logits.device), -torch.inf)
         cand_logprobs = torch.log_softmax(cand_logits, -1)
         source = cand_logprobs if self.entropy_mode == "candidates" else torch.log_softmax(logits, -1)
-        return _entropy(source), cand_logprobs.argmax(-1)
+        from lensbench.readout import entropy
+
+        return entropy(source), cand_logprobs.argmax(-1)
 
     def _continue(self, s: Tensor, a: Tensor, layers: list[int], lengths: Tensor) -> Tensor:
         from lensbench.lenses.simlens import continue_slots
@@ -781,7 +778,7 @@ def cmd_calibrate(args) -> int:
         test = _load_run(args.test)
         model, info = load_model(test.manifest["model"]["spec"], args.device, args.dtype)
         encoded, start_id = encoded_examples_of(test, model.tokenizer, args.limit)
-        pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else start_id
+        pad_id = pad_token_id(model.tokenizer, start_id)
         for result in results:
             if result["policy"] == "oracle":
                 continue
@@ -816,7 +813,7 @@ def cmd_exit_speed(args) -> int:
     model, info = load_model(args.model, args.device, args.dtype, args.n_ctx)
     start_id = start_token_id(model.tokenizer, args.start_token)
     encoded, _ = encode_examples(load_task(args.task)[: args.limit], model.tokenizer, start_id, model.cfg.n_ctx, True)
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else start_id
+    pad_id = pad_token_id(model.tokenizer, start_id)
     linear = None
     if args.linear:
         from lensbench.lenses.linear import LinearLens

@@ -277,7 +277,6 @@ def _convert_to_cache(source: Path, kind: str, sha: str, n_ctx: int, tl_name: st
 
 def _load_cached(folder: Path, device: str, dtype: torch.dtype, n_ctx: int, n_devices: int = 1):
     from transformers import AutoTokenizer
-    import transformer_lens.loading_from_pretrained as loading
     from transformer_lens import HookedTransformer
     from safetensors.torch import load_file
 

@@ -155,6 +155,12 @@ def unembed(model, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_
     return logits.float()
 
 
+def entropy(logprobs: Float[Tensor, "... n"]) -> Float[Tensor, "..."]:
+    """Entropy (nats) of log-probabilities; -inf entries (masked candidates) count as zero."""
+    probs = logprobs.exp()
+    return -(probs * torch.where(probs > 0, logprobs, torch.zeros_like(logprobs))).sum(-1)
+
+
 # --- rotary positions for continuations -------------------------------------------------
 
 

@@ -31,8 +31,9 @@ from lensbench.distributed import Dist
 from lensbench.errors import LensbenchError
 from lensbench.lenses import Lens, LensBatch, RunContext, SimLens, build_lenses
 from lensbench.models import DEFAULT_MODEL, DEFAULT_N_CTX, ModelInfo, load_model
-from lensbench.readout import ReadoutPoint, check_extra_positions, collect_slots, pad_right, readout_points, unembed
-from lensbench.tasks import EncodedExample, Example, encode_examples, load_task, start_token_id
+from lensbench.readout import entropy as readout_entropy
+from lensbench.readout import check_extra_positions, collect_slots, pad_right, readout_points, unembed
+from lensbench.tasks import EncodedExample, Example, encode_examples, load_task, pad_token_id, start_token_id
 
 ENTROPY_MODES = ("candidates", "vocab")
 
@@ -100,11 +101,6 @@ class BatchResult:
     attention_count: torch.Tensor | None = None  # (point, block)
 
 
-def _entropy(logprobs: torch.Tensor) -> torch.Tensor:
-    probs = logprobs.exp()
-    return -(probs * torch.where(probs > 0, logprobs, torch.zeros_like(logprobs))).sum(-1)
-
-
 @torch.inference_mode()
 def evaluate_batch(
     model,
@@ -166,7 +162,7 @@ def evaluate_batch(
             del logits
             cand_logits = cand_logits.masked_fill(~cand_mask[None], -torch.inf)
             cand_logprobs = torch.log_softmax(cand_logits, -1)
-            ent = _entropy(cand_logprobs) if entropy == "candidates" else _entropy(full_logprobs)
+            ent = readout_entropy(cand_logprobs) if entropy == "candidates" else readout_entropy(full_logprobs)
             top_p, top_i = full_logprobs.exp().topk(topk, dim=-1)
             parts.append((cand_logprobs.argmax(-1), ent, cand_logprobs, top_p, top_i))
         per_lens.append([torch.cat(field) for field in zip(*parts)])
@@ -274,7 +270,6 @@ def _examples_table(examples: list[Example], encoded: list[EncodedExample], toke
 
 
 def versions() -> dict:
-    import transformer_lens  # noqa: F401
     from importlib.metadata import version
 
     return {
@@ -403,7 +398,7 @@ def prepare(cfg: EvalConfig, model=None, model_info: ModelInfo | None = None):
     if not encoded:
         raise LensbenchError("no examples left to evaluate" + (f" ({len(skipped)} skipped)" if skipped else ""))
     points = readout_points(model, cfg.site)
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else start_id
+    pad_id = pad_token_id(model.tokenizer, start_id)
     ctx = RunContext(model, points, {e.index: e for e in encoded}, pad_id, cfg.plan_batch_size, cfg.mean_examples)
     return model, model_info, examples, encoded, skipped, lenses, ctx, start_id
 

@@ -253,6 +253,12 @@ def start_token_id(tokenizer, start_token: str | None = None) -> int:
     raise LensbenchError("the tokenizer has neither a BOS nor an EOS token; pass --start-token")
 
 
+def pad_token_id(tokenizer, start_id: int) -> int:
+    """The id used to right-pad prompts: the tokenizer's pad token, else `[s]` (pads are never
+    attended to, so any id works)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start_id
+
+
 def encode_examples(
     examples: list[Example], tokenizer, start_id: int, max_len: int, skip_invalid: bool = False
 ) -> tuple[list[EncodedExample], list[dict]]:

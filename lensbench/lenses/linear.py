@@ -23,7 +23,6 @@ layer). A lens is refused by a model other than the one it was fitted for (`chec
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -556,7 +555,7 @@ def fit_from_config(cfg: FitConfig, model=None, model_info=None, progress: bool 
     """Everything `lensbench fit-linear` does: load, encode, collect, fit, save to `cfg.out`."""
     from lensbench.models import load_model
     from lensbench.readout import readout_points
-    from lensbench.tasks import encode_examples, load_task, start_token_id
+    from lensbench.tasks import encode_examples, load_task, pad_token_id, start_token_id
 
     cfg.validate()
     out = Path(cfg.out)
@@ -573,7 +572,7 @@ def fit_from_config(cfg: FitConfig, model=None, model_info=None, progress: bool 
     if len(encoded) < 2:
         raise LensbenchError(f"fitting needs at least 2 examples; {spec} gave {len(encoded)}")
     points = readout_points(model, cfg.site)
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else start_id
+    pad_id = pad_token_id(model.tokenizer, start_id)
     started = time.perf_counter()
     data = collect_fit_data(model, encoded, points, cfg.target, cfg.positions, cfg.batch_size, pad_id, progress)
     collect_seconds = time.perf_counter() - started

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from jaxtyping import Float, Int
@@ -27,7 +26,6 @@ from lensbench.errors import LensbenchError
 from lensbench.lenses.base import Lens, LensBatch, LensOutput, RunContext
 from lensbench.readout import (
     ReadoutPoint,
-    SlotResiduals,
     block_device,
     collect_slots,
     ensure_rotary_length,
