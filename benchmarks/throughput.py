@@ -14,7 +14,9 @@ On one batch of a task's prompts (5-shot ARC-Easy by default) and one model, in 
                   (simlens_logits_naive) and one unembedding for the logit lens; timed on a
                   few examples and given per example
   (d)  SimExit    `lensbench.exits.measure_speedup` (the SimExit executor against the full
-                  model) at batch size 1 and the sweep's batch size, when lensbench.exits exists
+                  model) at batch size 1 and the sweep's batch size; on CUDA also without CUDA
+                  graphs, and at batch size 1 the speedup attainable if exit decisions were free
+                  (prompt blocks to the exit layer + the measured two-token continuation)
 
 Prints examples/s, peak memory and the ratios; `--json PATH` writes them. CPU timings use
 perf_counter; CUDA timings use CUDA events after warm-up. Peak memory on CUDA is
@@ -293,6 +295,9 @@ def run(args) -> dict:
         bs1 = next((r for r in exit_rows if r["batch_size"] == 1), None)
         if bs1:
             ratios["exit_wall_over_layer_token_bs1"] = bs1["wall_clock_speedup"] / bs1["layer_token_speedup"]
+            if bs1.get("attainable_wall_clock_speedup"):
+                ratios["exit_wall_over_attainable_bs1"] = bs1["wall_clock_speedup"] / bs1["attainable_wall_clock_speedup"]
+                ratios["exit_attainable_over_layer_token_bs1"] = bs1["attainable_wall_clock_speedup"] / bs1["layer_token_speedup"]
     return {
         "model": args.model, "task": args.task, "device": device,
         "device_name": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
@@ -346,8 +351,44 @@ def simexit(model, info, encoded, batch_size, pad_id, args, lenses, ctx):
     sizes = sorted({1, min(batch_size, len(encoded))})
     rows = exits.measure_speedup(model, encoded, executor, batch_sizes=sizes, repeats=args.exit_repeats, warmup=1)
     for row in rows:
-        row.update(threshold=tau, min_layer=min_layer, linear=args.linear or "identity maps")
+        row.update(threshold=tau, min_layer=min_layer, linear=args.linear or "identity maps",
+                   cuda_graphs=executor.cuda_graphs)
+    bs1 = next(r for r in rows if r["batch_size"] == 1)
+    if executor.cuda_graphs:  # the same at batch size 1 without graphs, for comparison
+        eager = exits.SimExitExecutor(model, lens, threshold=tau, policy="linear-simlens", min_layer=min_layer,
+                                      pad_id=pad_id, cuda_graphs=False)
+        row = exits.measure_speedup(model, encoded, eager, batch_sizes=[1], repeats=args.exit_repeats, warmup=1)[0]
+        bs1["eager_exit_seconds"] = row["exit_seconds"]
+        bs1["eager_wall_clock_speedup"] = bs1["full_seconds"] / row["exit_seconds"]
+    bs1.update(attainable(model, encoded, executor, bs1, args.exit_repeats))
     return rows
+
+
+def attainable(model, encoded, executor, row: dict, repeats: int) -> dict:
+    """The wall-clock speedup SimExit would reach at batch size 1 if deciding to exit cost
+    nothing: each example's prompt blocks up to its exit layer (the full model's time times
+    l/L) plus its measured two-token continuation from l (as the executor runs it). Layer-token
+    accounting counts a two-token block as 2/T of a prompt block; on a GPU it still reads every
+    weight, which is what separates this bound from the layer-token ratio."""
+    from lensbench import exits
+
+    n_layers = model.cfg.n_layers
+    result = executor.run(encoded, 1)
+    d_model = model.cfg.d_model
+    dtype = next(model.parameters()).dtype
+    pair = torch.randn(1, d_model, dtype=dtype, device=model.cfg.device)
+    lengths = torch.tensor([len(e.tokens) for e in encoded[:1]], device=model.cfg.device)
+    cont: dict[int, float] = {}
+    for layer in sorted(set(result.exit_layer)):
+        if layer >= n_layers:
+            cont[layer] = 0.0
+            continue
+        fn = lambda: executor._continue(pair, pair, [layer], lengths)  # noqa: E731
+        cont[layer] = exits._timed(fn, model.cfg.device, max(3, repeats), 1)[0]
+    full_each = row["full_seconds"] / len(encoded)
+    ideal = sum(full_each * min(layer, n_layers) / n_layers + cont[layer] for layer in result.exit_layer)
+    return {"attainable_exit_seconds": ideal, "attainable_wall_clock_speedup": row["full_seconds"] / ideal,
+            "continuation_seconds": {str(k): v for k, v in cont.items()}}
 
 
 def _gib(n):
@@ -383,8 +424,15 @@ def report(res: dict) -> str:
             lines.append(
                 f"  batch {row['batch_size']:>3}: full {row['full_seconds']:.3f}s, exit {row['exit_seconds']:.3f}s, "
                 f"wall-clock speedup {row['wall_clock_speedup']:.2f}x, layer-token speedup {row['layer_token_speedup']:.2f}x, "
-                f"mean exit layer {row['mean_exit_layer']:.1f} (tau {row['threshold']:.3f}, from layer {row['min_layer']}, {row['linear']})"
+                f"mean exit layer {row['mean_exit_layer']:.1f} (tau {row['threshold']:.3f}, from layer {row['min_layer']}, "
+                f"{row['linear']}, CUDA graphs {'on' if row.get('cuda_graphs') else 'off'})"
             )
+            if "eager_wall_clock_speedup" in row:
+                lines.append(f"           without CUDA graphs: exit {row['eager_exit_seconds']:.3f}s, wall-clock speedup "
+                             f"{row['eager_wall_clock_speedup']:.2f}x")
+            if "attainable_wall_clock_speedup" in row:
+                lines.append(f"           attainable with free exit decisions: {row['attainable_wall_clock_speedup']:.2f}x "
+                             f"(prompt blocks to the exit layer + the measured two-token continuation)")
     checks = [
         ("sweep/plain", r.get("sweep_ablations_over_plain"), "<=", TARGETS["sweep_over_plain"]),
         ("naive/sweep", r.get("naive_ablations_over_sweep_ablations"), ">=", TARGETS["naive_over_sweep"]),

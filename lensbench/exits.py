@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -422,6 +423,9 @@ class ExecutorResult:
                              "decision": self.decision, "entropy": self.entropy})
 
 
+MAX_GRAPHED_PAIRS = 16
+
+
 class SimExitExecutor:
     """Early exit that stops computing: the prompt runs block by block, examples whose
     confidence at a readout point falls below the threshold leave the batch, and their
@@ -432,11 +436,17 @@ class SimExitExecutor:
     linear-simlens (SimExit), logit or simlens; entropy: over the candidates or the vocabulary.
     Prompts are right-padded, so no attention mask is needed; rows that leave are cut out and
     the batch is trimmed to the longest remaining prompt.
+
+    cuda_graphs (default: on for a model on one CUDA device, consecutive positions): the
+    SimLens continuation of leaving pairs replays per-block CUDA graphs
+    (`GraphedContinuation`, captured once per group size up to MAX_GRAPHED_PAIRS) instead of
+    calling the blocks from Python. Hooks added to the model after capture are not seen by the
+    graphs.
     """
 
     def __init__(self, model, linear_lens=None, threshold: float | dict = 0.0, policy: str = "linear-simlens",
                  answer_lens: str = "simlens", min_layer: int = 0, entropy: str = "candidates",
-                 positions: str = "consecutive", pad_id: int = 0):
+                 positions: str = "consecutive", pad_id: int = 0, cuda_graphs: bool | None = None):
         if policy not in POLICIES or policy == "oracle":
             raise LensbenchError(f"the executor runs the policies linear-simlens, logit and simlens (got '{policy}')")
         if answer_lens not in ANSWER_LENSES:
@@ -461,6 +471,11 @@ class SimExitExecutor:
         self.positions = positions
         self.pad_id = pad_id
         self.tau = threshold_vector(threshold, n_layers, min_layer).tolist()
+        on_cuda = str(model.cfg.device).startswith("cuda") and torch.cuda.is_available() and model.cfg.n_devices == 1
+        if cuda_graphs and not on_cuda:
+            raise LensbenchError("cuda_graphs needs the model on one CUDA device")
+        self.cuda_graphs = on_cuda if cuda_graphs is None else bool(cuda_graphs)
+        self._graphs: dict[int, object] = {}
 
     # readouts at the answer position; candidates only unless the vocabulary entropy is asked for
     def _readout(self, x: Float[Tensor, "n d_model"], cand: Int[Tensor, "n cand"], mask) -> tuple[Tensor, Tensor]:
@@ -481,12 +496,39 @@ class SimExitExecutor:
 
         return entropy(source), cand_logprobs.argmax(-1)
 
+    def _graphed(self, n: int):
+        """The CUDA-graphed continuation for `n` pairs, or None where graphs are off, fail or
+        would cost more to capture than they save (more than MAX_GRAPHED_PAIRS pairs)."""
+        from lensbench.lenses.simlens import GraphedContinuation
+
+        if not self.cuda_graphs or self.positions != "consecutive" or n > MAX_GRAPHED_PAIRS:
+            return None
+        if n not in self._graphs:
+            try:
+                self._graphs[n] = GraphedContinuation(self.model, n)
+            except Exception as exc:  # noqa: BLE001 - an uncapturable model runs eagerly, said once
+                warnings.warn(f"SimExit: CUDA graphs unavailable ({type(exc).__name__}: {exc}); continuing eagerly")
+                self.cuda_graphs = False
+                return None
+        return self._graphs[n]
+
     def _continue(self, s: Tensor, a: Tensor, layers: list[int], lengths: Tensor) -> Tensor:
         from lensbench.lenses.simlens import continue_slots
         from lensbench.readout import ReadoutPoint
 
         n_layers = self.model.cfg.n_layers
         z = torch.stack([s, a], dim=1)
+        if self.cuda_graphs:
+            groups: dict[int, list[int]] = {}
+            for row, layer in enumerate(layers):
+                groups.setdefault(int(layer), []).append(row)
+            runners = {layer: self._graphed(len(rows)) for layer, rows in groups.items()}
+            if all(r is not None for r in runners.values()):
+                out = torch.empty(len(layers), z.shape[-1], dtype=z.dtype, device=z.device)
+                for layer, rows in groups.items():
+                    index = torch.tensor(rows, device=z.device)
+                    out[index] = runners[layer].run(z[index], layer).to(z.dtype)
+                return out
         starts = [ReadoutPoint(int(layer), "pre", n_layers) for layer in layers]
         position_ids = None
         if self.positions == "original":
@@ -713,6 +755,8 @@ def add_cli(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", help="write the result here too")
+    p.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
+                   help="replay the SimLens continuation from CUDA graphs (auto: on for one CUDA device)")
     p.set_defaults(handler=cmd_calibrate)
 
     q = sub.add_parser("exit-speed", help="time the SimExit executor against the full model at a given threshold")
@@ -729,6 +773,8 @@ def add_cli(sub) -> None:
     q.add_argument("--repeats", type=int, default=3)
     q.add_argument("--start-token")
     q.add_argument("--json", help="write the timings here too")
+    q.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
+                   help="replay the SimLens continuation from CUDA graphs (auto: on for one CUDA device)")
     q.set_defaults(handler=cmd_exit_speed)
 
 
@@ -750,7 +796,10 @@ def format_calibration(result: dict) -> str:
             f"x{t['layer_token_speedup']:.2f} layer-token" + (f", x{wall:.2f} wall-clock" if wall else ""))
 
 
-def _executor_for(model, run, policy, threshold, answer_lens, min_layer, linear_dir, pad_id):
+GRAPH_OPTIONS = {"auto": None, "on": True, "off": False}
+
+
+def _executor_for(model, run, policy, threshold, answer_lens, min_layer, linear_dir, pad_id, cuda_graphs=None):
     from lensbench.lenses.linear import LinearLens
 
     linear = None
@@ -765,7 +814,7 @@ def _executor_for(model, run, policy, threshold, answer_lens, min_layer, linear_
         linear = LinearLens.load(folder)
     entropy = run.manifest.get("config", {}).get("entropy", "candidates") if run is not None else "candidates"
     positions = run.manifest.get("config", {}).get("positions", "consecutive") if run is not None else "consecutive"
-    return SimExitExecutor(model, linear, threshold, policy, answer_lens, min_layer, entropy, positions, pad_id)
+    return SimExitExecutor(model, linear, threshold, policy, answer_lens, min_layer, entropy, positions, pad_id, cuda_graphs)
 
 
 def cmd_calibrate(args) -> int:
@@ -783,7 +832,8 @@ def cmd_calibrate(args) -> int:
             if result["policy"] == "oracle":
                 continue
             executor = _executor_for(model, test, result["policy"], parse_threshold(result["threshold"]),
-                                     result["answer_lens"], result["min_layer"], args.linear, pad_id)
+                                     result["answer_lens"], result["min_layer"], args.linear, pad_id,
+                                     GRAPH_OPTIONS[args.cuda_graphs])
             timings = measure_speedup(model, encoded, executor, args.batch_sizes, args.repeats)
             result["test"]["timings"] = timings
             result["test"]["wall_clock_speedup"] = timings[-1]["wall_clock_speedup"]
@@ -820,7 +870,8 @@ def cmd_exit_speed(args) -> int:
 
         linear = LinearLens.load(args.linear)
         linear.check_model(model, info)
-    executor = SimExitExecutor(model, linear, threshold, policy, answer_lens, min_layer, pad_id=pad_id)
+    executor = SimExitExecutor(model, linear, threshold, policy, answer_lens, min_layer, pad_id=pad_id,
+                               cuda_graphs=GRAPH_OPTIONS[args.cuda_graphs])
     rows = measure_speedup(model, encoded, executor, args.batch_sizes, args.repeats)
     print(f"{policy} exit on {len(encoded)} examples of {args.task}, {info.spec} on {rows[0]['device_name']}")
     print(_speed_table(rows))

@@ -379,11 +379,59 @@ def load_model(
         model = _load_official(spec, device, torch_dtype)
     if model.cfg.positional_embedding_type == "shortformer":
         raise LensbenchError(f"model '{spec}' uses shortformer positions, which lensbench does not support")
+    relayout_weights(model)
     info = ModelInfo(
         spec=spec, source_sha256=source_sha, n_layers=model.cfg.n_layers, d_model=model.cfg.d_model,
         architecture=str(model.cfg.original_architecture), dtype=dtype, device=device,
     )
     return model, info
+
+
+# --- weight layout -----------------------------------------------------------------------------
+
+# (parameter path suffix, the permutation TransformerLens applies before its F.linear). TL 3.9
+# rearranges or transposes each of these weights and calls `.contiguous()` on every forward,
+# which copies the whole matrix: three reads of every weight per call instead of one. Stored in
+# the layout that rearrangement produces, the same calls return views and `.contiguous()` is a
+# no-op, with bit-identical results (F.linear sees the same contiguous matrix as before).
+_LAYOUTS = {
+    "attn.W_Q": (0, 2, 1), "attn.W_K": (0, 2, 1), "attn.W_V": (0, 2, 1),  # (h, d_model, d_head) -> (h d_head) d_model
+    "attn._W_K": (0, 2, 1), "attn._W_V": (0, 2, 1),  # grouped-query attention
+    "attn.W_O": (2, 0, 1),  # (h, d_head, d_model) -> d_model (h d_head)
+    "mlp.W_gate": (1, 0), "mlp.W_in": (1, 0), "mlp.W_out": (1, 0),  # gated MLP: W.T.contiguous()
+    "unembed.W_U": (1, 0),
+}
+
+
+def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(sorted(range(len(perm)), key=perm.__getitem__))
+
+
+def relayout_weights(model) -> int:
+    """Store the weights TransformerLens re-lays out on every call in that layout once, as
+    strided views (same shapes, same values); returns how many were changed.
+
+    Only the gated MLP copies its weights (`W.T.contiguous()`); the plain MLP's `addmm` reads
+    W_in and W_out as stored, so those stay. `Module.to` keeps these strides (preserve_format).
+    """
+    from transformer_lens.components.mlps.gated_mlp import GatedMLP
+
+    changed = 0
+    for name, param in model.named_parameters():
+        suffix = next((key for key in _LAYOUTS if name == key or name.endswith("." + key)), None)
+        if suffix is None:
+            continue
+        if suffix.startswith("mlp.") and not isinstance(model.get_submodule(name.rsplit(".", 1)[0]), GatedMLP):
+            continue
+        perm = _LAYOUTS[suffix]
+        if param.dim() != len(perm):
+            continue
+        target = param.data.permute(*perm)
+        if target.is_contiguous():
+            continue
+        param.data = target.contiguous().permute(*_inverse(perm))
+        changed += 1
+    return changed
 
 
 def _load_official(name: str, device: str, dtype: torch.dtype):

@@ -157,13 +157,16 @@ def evaluate_batch(
         parts = []
         for start in range(0, len(points), chunk):
             logits = unembed(model, output.resid[start : start + chunk])  # (p, b, vocab), float32
-            full_logprobs = torch.log_softmax(logits, -1)
+            # Two passes over the vocabulary (log-normaliser, top-k) instead of materialising
+            # the full log-softmax and its exponential: the readout is memory-bound.
+            log_norm = torch.logsumexp(logits, -1, keepdim=True)
+            top_logits, top_i = logits.topk(topk, dim=-1)
+            top_p = (top_logits - log_norm).exp()
             cand_logits = logits.gather(2, cand_ids[None].expand(logits.shape[0], -1, -1))
-            del logits
             cand_logits = cand_logits.masked_fill(~cand_mask[None], -torch.inf)
             cand_logprobs = torch.log_softmax(cand_logits, -1)
-            ent = readout_entropy(cand_logprobs) if entropy == "candidates" else readout_entropy(full_logprobs)
-            top_p, top_i = full_logprobs.exp().topk(topk, dim=-1)
+            ent = readout_entropy(cand_logprobs) if entropy == "candidates" else readout_entropy(logits - log_norm)
+            del logits
             parts.append((cand_logprobs.argmax(-1), ent, cand_logprobs, top_p, top_i))
         per_lens.append([torch.cat(field) for field in zip(*parts)])
     # The one transfer to the host: (lens, point, b, ...) arrays.

@@ -29,6 +29,7 @@ from lensbench.readout import (
     block_device,
     collect_slots,
     ensure_rotary_length,
+    point_hooks,
     rotary_positions,
     unembed,
 )
@@ -191,7 +192,7 @@ def simlens_logits_naive(
 
 def _mlp_half(model, k: int, z: Float[Tensor, "n slot d_model"]) -> Float[Tensor, "n slot d_model"]:
     """Finish block k from its `hook_resid_mid` (attention is computed on `z` and discarded)."""
-    with model.hooks(fwd_hooks=[(f"blocks.{k}.hook_resid_mid", replace_residual_hook(z))]):
+    with point_hooks(model, [(f"blocks.{k}.hook_resid_mid", replace_residual_hook(z))]):
         return model.blocks[k](z)
 
 
@@ -261,7 +262,7 @@ def continue_slots(
                 active = active.to(device)
                 positions = None if ordered_pos is None else ordered_pos[:running]
                 hooks = [(f"blocks.{k}.attn.hook_pattern", pattern_hook)] if attention is not None else []
-                with rotary_positions(model, positions, range(k, k + 1), check=False), model.hooks(fwd_hooks=hooks):
+                with rotary_positions(model, positions, range(k, k + 1), check=False), point_hooks(model, hooks):
                     active = model.blocks[k](active)
                 if attention is not None:
                     attention[order_t[:running], k] = current.pop("pattern").to(z.device)
@@ -272,6 +273,50 @@ def continue_slots(
                 active = new if active is None else torch.cat([active, new])
         out[order_t] = active[:, -1].to(z.device)
     return out, attention
+
+
+class GraphedContinuation:
+    """`continue_slots` for `n` sequences of `n_slots` slots at consecutive positions, replayed
+    from CUDA graphs: one graph per block, chained through static buffers, so continuing from
+    block l is L-l graph launches instead of L-l Python block calls (hundreds of kernel
+    launches each). At batch size 1 a two-token block is launch-bound on a GPU: this is what
+    makes an early exit's continuation cheap in wall-clock, not only in layer-tokens.
+
+    Captured on first use (one warm-up and one capture per block); CUDA only. The buffers are
+    reused, so `run` returns a copy. Results equal `continue_slots` up to kernel choice.
+    """
+
+    def __init__(self, model, n: int, n_slots: int = 2):
+        if not str(model.cfg.device).startswith("cuda") or not torch.cuda.is_available():
+            raise LensbenchError("CUDA graphs need the model on a CUDA device")
+        if model.cfg.n_devices != 1:
+            raise LensbenchError("CUDA graphs of the continuation need the model on one device")
+        self.model = model
+        self.n, self.n_slots = n, n_slots
+        n_layers, d_model = model.cfg.n_layers, model.cfg.d_model
+        dtype = next(model.blocks[0].parameters()).dtype
+        device = next(model.blocks[0].parameters()).device
+        self.buffers = [torch.zeros(n, n_slots, d_model, dtype=dtype, device=device) for _ in range(n_layers + 1)]
+        self.graphs: list = []
+        with torch.inference_mode():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
+                for k in range(n_layers):
+                    self.buffers[k + 1].copy_(model.blocks[k](self.buffers[k]))
+            torch.cuda.current_stream().wait_stream(side)
+            for k in range(n_layers):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self.buffers[k + 1].copy_(model.blocks[k](self.buffers[k]))
+                self.graphs.append(graph)
+
+    def run(self, z: Float[Tensor, "n slot d_model"], start_layer: int) -> Float[Tensor, "n d_model"]:
+        """The last slot's final residual, continuing `z` from `blocks.{start_layer}.hook_resid_pre`."""
+        self.buffers[start_layer].copy_(z)
+        for k in range(start_layer, len(self.graphs)):
+            self.graphs[k].replay()
+        return self.buffers[-1][:, -1].clone()
 
 
 # --- the lens -------------------------------------------------------------------------------

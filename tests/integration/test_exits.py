@@ -321,3 +321,37 @@ def test_executor_refuses_what_it_cannot_run(tiny_rotary):
         exits.SimExitExecutor(tiny_rotary, None, 0.5, "linear-simlens")
     with pytest.raises(LensbenchError, match="executor runs"):
         exits.SimExitExecutor(tiny_rotary, None, 0.5, "oracle")
+
+
+def test_cuda_graphs_are_refused_off_cuda(tiny_exit_run, tiny_rotary):
+    _, lens = tiny_exit_run
+    with pytest.raises(LensbenchError, match="CUDA device"):
+        exits.SimExitExecutor(tiny_rotary, lens, 0.5, cuda_graphs=True)
+    assert exits.SimExitExecutor(tiny_rotary, lens, 0.5).cuda_graphs is False  # auto: off on the CPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (run on a GPU machine)")
+def test_cuda_graph_executor_decides_as_the_eager_one(tiny_exit_run, tiny_rotary):
+    import copy
+
+    from lensbench.lenses.simlens import GraphedContinuation, continue_slots
+    from lensbench.readout import ReadoutPoint
+
+    run_path, lens = tiny_exit_run
+    model = copy.deepcopy(tiny_rotary).to("cuda")
+    assert str(model.cfg.device).startswith("cuda")
+    run = store.open_run(run_path)
+    data = exits.prepare_exits(run.predictions(), run.examples(), "linear-simlens")
+    tau = between_entropies(data, 0.5)
+    encoded, start_id = exits.encoded_examples_of(run, model.tokenizer)
+    eager = exits.SimExitExecutor(model, lens, tau, pad_id=start_id, cuda_graphs=False).run(encoded, 3)
+    graphed = exits.SimExitExecutor(model, lens, tau, pad_id=start_id)
+    assert graphed.cuda_graphs
+    got = graphed.run(encoded, 3)
+    assert graphed._graphs, "the graphed path was not taken"
+    assert got.exit_layer == eager.exit_layer and got.decision == eager.decision
+    z = torch.randn(2, 2, model.cfg.d_model, device="cuda")
+    runner = GraphedContinuation(model, 2)
+    for layer in range(model.cfg.n_layers):
+        want, _ = continue_slots(model, z, [ReadoutPoint(layer, "pre", model.cfg.n_layers)] * 2)
+        torch.testing.assert_close(runner.run(z, layer), want, rtol=1e-4, atol=1e-4)

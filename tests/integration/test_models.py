@@ -137,3 +137,37 @@ def test_original_positions_match_transformers_position_ids(tmp_path, monkeypatc
     consecutive = hf(pair).logits[:, -1]
     assert (ours - theirs).abs().max().item() < 1e-4
     assert (ours - consecutive).abs().max().item() > 1e-3  # the positions really differ
+
+
+def test_weight_relayout_is_copy_free_and_bit_identical(embedded):
+    """Every weight TransformerLens re-lays out per call is stored in that layout: its
+    per-call rearrangement is a view of the stored tensor (no copy), and the logits equal
+    those of the same weights stored contiguously, bit for bit."""
+    import copy
+
+    import einops
+
+    model, _ = embedded
+    block = model.blocks[0]
+    same = lambda a, b: a.data_ptr() == b.data_ptr()  # noqa: E731
+    assert same(block.mlp.W_gate.T.contiguous(), block.mlp.W_gate)
+    assert same(block.mlp.W_in.T.contiguous(), block.mlp.W_in)
+    assert same(block.mlp.W_out.T.contiguous(), block.mlp.W_out)
+    assert same(model.unembed.W_U.T.contiguous(), model.unembed.W_U)
+    assert same(einops.rearrange(block.attn.W_Q, "h m d -> (h d) m"), block.attn.W_Q)
+    assert same(einops.rearrange(block.attn._W_K, "h m d -> (h d) m"), block.attn._W_K)
+    assert same(einops.rearrange(block.attn.W_O, "h d m -> m (h d)").contiguous(), block.attn.W_O)
+
+    plain = copy.deepcopy(model)
+    for param in plain.parameters():
+        param.data = param.data.contiguous()
+    assert not plain.blocks[0].mlp.W_gate.T.is_contiguous()  # the copy really has the old layout
+    tokens = model.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        assert torch.equal(model(tokens), plain(tokens))
+    # a dtype change keeps the layout (Module.to preserves strides)
+    half = plain.to(torch.bfloat16)
+    assert models.relayout_weights(half) > 0
+    half = half.to(torch.float32)
+    assert half.blocks[1].mlp.W_in.T.is_contiguous()
+    assert models.relayout_weights(half) == 0
