@@ -245,6 +245,9 @@ def run(args) -> dict:
     figures["sweep_ablations"] = timed(lambda: evaluate_batch(model, lenses_abl, ctx, batch), device, args.budget, memory=memory)
     for name in figures:
         figures[name]["examples_per_s"] = len(batch) / figures[name]["seconds"]
+    if args.profile:
+        profile_step(lambda: evaluate_batch(model, lenses_abl, ctx, batch), cuda, "(b+) sweep + ablations")
+        profile_step(plain, cuda, "(a) plain forward")
 
     if args.naive_examples > 0:
         print(f"  measuring (c) naive loop ...", file=sys.stderr, flush=True)
@@ -309,6 +312,20 @@ def run(args) -> dict:
         "figures": figures, "ratios": ratios, "simexit": exit_rows,
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
+
+
+def profile_step(fn, cuda: bool, label: str, rows: int = 14) -> None:
+    """One call under torch.profiler: the operators that took the most device (or CPU) time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(f"profile of {label}:", file=sys.stderr)
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=48), file=sys.stderr, flush=True)
 
 
 def identity_linear_lens(model, spec: str):
@@ -468,6 +485,7 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=5.0, help="seconds spent timing each step")
     p.add_argument("--n-ctx", type=int, default=4096)
     p.add_argument("--json", help="write the figures to this file")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one sweep and one plain forward")
     p.add_argument("--quick", action="store_true", help="tiny sizes (2 examples, 0.5 s per step), to check the script")
     args = p.parse_args(argv)
     if args.quick:

@@ -103,6 +103,18 @@ RANDOM_PRESETS: dict[str, dict] = {
         normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=128,
         gated_mlp=True, n_ctx=4096, rotary_base=10000,
     ),
+    # The shipped models' shapes (layers, widths, heads, grouped KV heads, vocabulary) with
+    # random weights: their throughput on a machine that cannot be sent the real weights.
+    "smollm2-135m-shape": dict(
+        n_layers=30, d_model=576, n_heads=9, n_key_value_heads=3, d_head=64, d_mlp=1536, act_fn="silu",
+        normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=64,
+        gated_mlp=True, n_ctx=4096, rotary_base=100000, d_vocab=49152,
+    ),
+    "qwen2.5-0.5b-shape": dict(
+        n_layers=24, d_model=896, n_heads=14, n_key_value_heads=2, d_head=64, d_mlp=4864, act_fn="silu",
+        normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=64,
+        gated_mlp=True, n_ctx=4096, rotary_base=1000000, d_vocab=151936,
+    ),
 }
 
 
@@ -320,8 +332,10 @@ def random_model(preset: str, seed: int = 0, device: str = "cpu", dtype: torch.d
     if preset not in RANDOM_PRESETS:
         raise LensbenchError(f"unknown random preset '{preset}' (expected one of {', '.join(RANDOM_PRESETS)})")
     tokenizer = tokenizer if tokenizer is not None else embedded_tokenizer()
+    params = dict(RANDOM_PRESETS[preset])
+    params["d_vocab"] = max(params.get("d_vocab", 0), len(tokenizer))  # every token id must embed
     cfg = HookedTransformerConfig(
-        **RANDOM_PRESETS[preset], d_vocab=len(tokenizer), seed=seed, device=device, dtype=dtype,
+        **params, seed=seed, device=device, dtype=dtype,
         original_architecture=f"random:{preset}", model_name=f"random-{preset}",
     )
     with warnings.catch_warnings():
