@@ -313,10 +313,11 @@ class GraphedContinuation:
 
     def run(self, z: Float[Tensor, "n slot d_model"], start_layer: int) -> Float[Tensor, "n d_model"]:
         """The last slot's final residual, continuing `z` from `blocks.{start_layer}.hook_resid_pre`."""
-        self.buffers[start_layer].copy_(z)
-        for k in range(start_layer, len(self.graphs)):
-            self.graphs[k].replay()
-        return self.buffers[-1][:, -1].clone()
+        with torch.inference_mode():  # the buffers may be inference tensors (captured in that mode)
+            self.buffers[start_layer].copy_(z)
+            for k in range(start_layer, len(self.graphs)):
+                self.graphs[k].replay()
+            return self.buffers[-1][:, -1].clone()
 
 
 # --- the lens -------------------------------------------------------------------------------

@@ -350,6 +350,8 @@ def test_cuda_graph_executor_decides_as_the_eager_one(tiny_exit_run, tiny_rotary
     got = graphed.run(encoded, 3)
     assert graphed._graphs, "the graphed path was not taken"
     assert got.exit_layer == eager.exit_layer and got.decision == eager.decision
+    captured = next(iter(graphed._graphs.values()))  # captured under inference mode, replayed outside it
+    assert captured.run(torch.randn(captured.n, 2, model.cfg.d_model, device="cuda"), 1).shape == (captured.n, model.cfg.d_model)
     z = torch.randn(2, 2, model.cfg.d_model, device="cuda")
     runner = GraphedContinuation(model, 2)
     for layer in range(model.cfg.n_layers):
