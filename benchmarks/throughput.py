@@ -205,11 +205,18 @@ def run(args) -> dict:
     encoded, _ = encode_examples(examples, model.tokenizer, start_id, model.cfg.n_ctx, skip_invalid=True)
     points = readout_points(model)
     pad_id = pad_token_id(model.tokenizer, start_id)
-    ctx = RunContext(model, points, {e.index: e for e in encoded}, pad_id, n_pool)
+    graphs = {"on": True, "off": False}.get(args.cuda_graphs, cuda)
+    ctx = RunContext(model, points, {e.index: e for e in encoded}, pad_id, n_pool, cuda_graphs=graphs)
     lenses = build_lenses("logit,simlens", "", "consecutive", [])
     lenses_abl = build_lenses("logit,simlens", args.ablations, "consecutive", [])
     for lens in lenses + lenses_abl:
         lens.prepare(ctx)
+    lenses_eager = []
+    if graphs:  # the same sweep without CUDA graphs, for comparison
+        ctx_eager = RunContext(model, points, ctx.examples, pad_id, n_pool, cuda_graphs=False)
+        lenses_eager = build_lenses("logit,simlens", args.ablations, "consecutive", [])
+        for lens in lenses_eager:
+            lens.prepare(ctx_eager)
 
     # Batch size: given, or the largest (halving from --max-batch-size) whose full sweep fits.
     batch_size = n_pool
@@ -243,6 +250,11 @@ def run(args) -> dict:
     print(f"  measuring (b) sweep ...", file=sys.stderr, flush=True)
     figures["sweep"] = timed(lambda: evaluate_batch(model, lenses, ctx, batch), device, args.budget, memory=memory)
     figures["sweep_ablations"] = timed(lambda: evaluate_batch(model, lenses_abl, ctx, batch), device, args.budget, memory=memory)
+    if lenses_eager:
+        figures["sweep_ablations_eager"] = timed(lambda: evaluate_batch(model, lenses_eager, ctx_eager, batch), device,
+                                                 args.budget, memory=memory)
+    if cuda:
+        figures["sweep_ablations"]["reserved"] = torch.cuda.memory_reserved()
     for name in figures:
         figures[name]["examples_per_s"] = len(batch) / figures[name]["seconds"]
     if args.profile:
@@ -284,6 +296,7 @@ def run(args) -> dict:
     ratios = {
         "sweep_over_plain": ratio("sweep", "plain"),
         "sweep_ablations_over_plain": ratio("sweep_ablations", "plain"),
+        "sweep_ablations_eager_over_plain": ratio("sweep_ablations_eager", "plain"),
         "sweep_over_plain_answer": ratio("sweep", "plain_answer"),
         "sweep_ablations_over_plain_answer": ratio("sweep_ablations", "plain_answer"),
         "naive_over_sweep": per_ex["naive"] / per_ex["sweep"] if "naive" in per_ex else None,
@@ -371,12 +384,13 @@ def simexit(model, info, encoded, batch_size, pad_id, args, lenses, ctx):
         row.update(threshold=tau, min_layer=min_layer, linear=args.linear or "identity maps",
                    cuda_graphs=executor.cuda_graphs)
     bs1 = next(r for r in rows if r["batch_size"] == 1)
-    if executor.cuda_graphs:  # the same at batch size 1 without graphs, for comparison
+    if executor.cuda_graphs:  # the same without graphs, for comparison
         eager = exits.SimExitExecutor(model, lens, threshold=tau, policy="linear-simlens", min_layer=min_layer,
                                       pad_id=pad_id, cuda_graphs=False)
-        row = exits.measure_speedup(model, encoded, eager, batch_sizes=[1], repeats=args.exit_repeats, warmup=1)[0]
-        bs1["eager_exit_seconds"] = row["exit_seconds"]
-        bs1["eager_wall_clock_speedup"] = bs1["full_seconds"] / row["exit_seconds"]
+        for row, plain_row in zip(rows, exits.measure_speedup(model, encoded, eager, batch_sizes=sizes,
+                                                              repeats=args.exit_repeats, warmup=1)):
+            row["eager_exit_seconds"] = plain_row["exit_seconds"]
+            row["eager_wall_clock_speedup"] = row["full_seconds"] / plain_row["exit_seconds"]
     try:
         bs1.update(attainable(model, encoded, executor, bs1, args.exit_repeats))
     except Exception as exc:  # noqa: BLE001 - a figure fewer, not a lost benchmark
@@ -427,6 +441,7 @@ def report(res: dict) -> str:
     ]
     names = {"plain": "(a) plain forward", "plain_answer": "(a') plain, answer position only",
              "sweep": "(b) sweep: logit + SimLens", "sweep_ablations": f"(b+) sweep + {res['ablations']}",
+             "sweep_ablations_eager": "(b+) the same, no CUDA graphs",
              "naive": "(c) naive loop: logit + SimLens", "naive_ablations": f"(c+) naive + {res['ablations']}"}
     for key, label in names.items():
         if key not in f:
@@ -488,6 +503,8 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=5.0, help="seconds spent timing each step")
     p.add_argument("--n-ctx", type=int, default=4096)
     p.add_argument("--json", help="write the figures to this file")
+    p.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
+                   help="SimLens continuations of the sweep from CUDA graphs (auto: on CUDA; also timed without)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one sweep and one plain forward")
     p.add_argument("--quick", action="store_true", help="tiny sizes (2 examples, 0.5 s per step), to check the script")
     args = p.parse_args(argv)

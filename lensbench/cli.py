@@ -58,6 +58,8 @@ def add_eval_parser(sub) -> None:
                    help="shard the examples across N local processes (one per GPU with --device cuda); "
                         "`accelerate launch -m lensbench eval ...` does the same across nodes")
     p.add_argument("--n-devices", type=_positive_int, default=1, help="split one model's blocks across N GPUs (TransformerLens)")
+    p.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
+                   help="replay SimLens continuations from CUDA graphs (auto: on for one CUDA device)")
     p.add_argument("--start-token", help="text of the start token [s] (default: BOS, else EOS)")
     p.add_argument("--positions", default="consecutive", choices=["consecutive", "original"],
                    help="SimLens continuation positions: (0, 1) or the original (0, T-1)")
@@ -102,7 +104,7 @@ def cmd_eval(args) -> int:
         start_token=args.start_token, positions=args.positions, site=args.site, topk=args.topk,
         entropy=args.entropy, skip_invalid=args.skip_invalid, overwrite=args.overwrite, linear=args.linear,
         mean_examples=args.mean_examples, n_ctx=args.n_ctx, max_batch_size=args.max_batch_size,
-        n_devices=args.n_devices,
+        n_devices=args.n_devices, cuda_graphs=args.cuda_graphs,
     )
     try:
         out = run_eval(cfg, progress=not args.quiet, dist=dist)

@@ -63,6 +63,7 @@ class EvalConfig:
     n_ctx: int = DEFAULT_N_CTX
     max_batch_size: int = 64  # the batch plan's size under batch_size="auto"
     n_devices: int = 1  # GPUs one model's blocks are split across (TransformerLens's n_devices)
+    cuda_graphs: str = "auto"  # SimLens continuations from CUDA graphs: auto (on for one CUDA device), on, off
 
     def validate(self) -> None:
         if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size < 1):
@@ -79,6 +80,10 @@ class EvalConfig:
             raise LensbenchError(f"--entropy must be one of {', '.join(ENTROPY_MODES)} (got {self.entropy})")
         if self.mean_examples < 1:
             raise LensbenchError("--mean-examples must be at least 1")
+        if self.cuda_graphs not in ("auto", "on", "off"):
+            raise LensbenchError(f"--cuda-graphs must be auto, on or off (got {self.cuda_graphs})")
+        if self.cuda_graphs == "on" and (not str(self.device).startswith("cuda") or self.n_devices > 1):
+            raise LensbenchError("--cuda-graphs on needs one CUDA device (--device cuda, no --n-devices)")
 
     def identity(self) -> dict:
         """The options that change results: a different identity is a different run."""
@@ -402,7 +407,9 @@ def prepare(cfg: EvalConfig, model=None, model_info: ModelInfo | None = None):
         raise LensbenchError("no examples left to evaluate" + (f" ({len(skipped)} skipped)" if skipped else ""))
     points = readout_points(model, cfg.site)
     pad_id = pad_token_id(model.tokenizer, start_id)
-    ctx = RunContext(model, points, {e.index: e for e in encoded}, pad_id, cfg.plan_batch_size, cfg.mean_examples)
+    graphs = cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and str(model.cfg.device).startswith("cuda")
+                                         and model.cfg.n_devices == 1)
+    ctx = RunContext(model, points, {e.index: e for e in encoded}, pad_id, cfg.plan_batch_size, cfg.mean_examples, graphs)
     return model, model_info, examples, encoded, skipped, lenses, ctx, start_id
 
 

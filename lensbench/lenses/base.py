@@ -50,7 +50,19 @@ class RunContext:
     pad_id: int
     batch_size: int = 8
     mean_examples: int = 256
+    cuda_graphs: bool = False  # replay SimLens continuations from CUDA graphs (one CUDA device only)
     _means: tuple | None = field(default=None, repr=False)
+    _graphs: object = field(default=None, repr=False)
+
+    def continuation_graphs(self):
+        """The run's shared `ContinuationGraphs`, or None when graphs are off or unusable."""
+        if not self.cuda_graphs:
+            return None
+        if self._graphs is None:
+            from lensbench.lenses.simlens import ContinuationGraphs
+
+            self._graphs = ContinuationGraphs(self.model)
+        return self._graphs if self._graphs.enabled else None
 
     def slot_means(self) -> tuple[Float[Tensor, "point d_model"], Float[Tensor, "point d_model"]]:
         """Data-set means of `[s]` and `[a]` at every point, over the first `mean_examples` examples."""

@@ -196,51 +196,81 @@ def _mlp_half(model, k: int, z: Float[Tensor, "n slot d_model"]) -> Float[Tensor
         return model.blocks[k](z)
 
 
+@dataclass(frozen=True)
+class ContinuationPlan:
+    """Where every sequence of a `continue_slots` call joins the running batch, built on the
+    host: rows are laid out in joining order, so the block loop never synchronises."""
+
+    n_layers: int
+    final_rows: tuple[int, ...]
+    order: tuple[int, ...]
+    bounds: tuple[tuple[int, int, int], ...]  # per block: (pre start, rows running block k, mid end)
+
+    @classmethod
+    def of(cls, starts: list[ReadoutPoint], n_layers: int) -> "ContinuationPlan":
+        final_rows: list[int] = []
+        joining_pre: dict[int, list[int]] = {}
+        joining_mid: dict[int, list[int]] = {}
+        for i, point in enumerate(starts):
+            if point.is_final:
+                final_rows.append(i)
+            elif point.site == "mid":
+                joining_mid.setdefault(point.layer, []).append(i)
+            else:
+                joining_pre.setdefault(point.layer, []).append(i)
+        order: list[int] = []
+        bounds = []
+        for k in range(n_layers):
+            pre_start = len(order)
+            order += joining_pre.get(k, [])
+            running = len(order)
+            order += joining_mid.get(k, [])
+            bounds.append((pre_start, running, len(order)))
+        return cls(n_layers, tuple(final_rows), tuple(order), tuple(bounds))
+
+
 def continue_slots(
     model,
     z: Float[Tensor, "n slot d_model"],
     starts: list[ReadoutPoint],
     position_ids: Int[Tensor, "n slot"] | None = None,
     capture_attention: bool = False,
+    graphs: "ContinuationGraphs | None" = None,
 ) -> tuple[Float[Tensor, "n d_model"], Float[Tensor, "n block head"] | None]:
     """Continue each short sequence `z[i]` from readout point `starts[i]` to the last block.
 
     Sequences join the running batch at their start block, so block k runs once over every
     sequence that needs it. Returns the final residual at the last slot, and optionally the
     attention the last slot pays to the first in every block (NaN where not run).
+    With `graphs` (consecutive positions on one CUDA device) the whole loop is replayed from
+    a CUDA graph captured once per shape (`ContinuationGraphs`).
     """
+    plan = ContinuationPlan.of(starts, model.cfg.n_layers)
+    if graphs is not None and position_ids is None and graphs.enabled:
+        result = graphs.run(z, plan, capture_attention)
+        if result is not None:
+            return result
+    return _execute_plan(model, z, plan, *_plan_indices(plan, z.device), position_ids, capture_attention)
+
+
+def _plan_indices(plan: ContinuationPlan, device) -> tuple[Tensor | None, Tensor | None]:
+    final_t = torch.tensor(plan.final_rows, dtype=torch.long).to(device) if plan.final_rows else None
+    order_t = torch.tensor(plan.order, dtype=torch.long).to(device) if plan.order else None
+    return final_t, order_t
+
+
+def _execute_plan(model, z, plan: ContinuationPlan, final_t, order_t, position_ids=None, capture_attention=False):
+    """The block loop of `continue_slots`: device work only, so it can be captured in a graph."""
     n, n_slots, _ = z.shape
-    n_layers = model.cfg.n_layers
+    n_layers = plan.n_layers
     attention = None
     if capture_attention and n_slots == 2:
         attention = torch.full((n, n_layers, model.cfg.n_heads), float("nan"), device=z.device)
     out = torch.empty(n, z.shape[-1], dtype=z.dtype, device=z.device)
-    final_rows: list[int] = []
-    joining_pre: dict[int, list[int]] = {}
-    joining_mid: dict[int, list[int]] = {}
-    for i, point in enumerate(starts):
-        if point.is_final:
-            final_rows.append(i)
-        elif point.site == "mid":
-            joining_mid.setdefault(point.layer, []).append(i)
-        else:
-            joining_pre.setdefault(point.layer, []).append(i)
-
-    # Rows are laid out in joining order and every index is built on the host before the
-    # loop, so the loop itself never synchronises host and device.
-    order: list[int] = []
-    bounds: dict[int, tuple[int, int, int]] = {}  # k -> (pre start, rows running block k, mid end)
-    for k in range(n_layers):
-        pre_start = len(order)
-        order += joining_pre.get(k, [])
-        running = len(order)
-        order += joining_mid.get(k, [])
-        bounds[k] = (pre_start, running, len(order))
-    if final_rows:
-        out[torch.tensor(final_rows).to(z.device)] = z[torch.tensor(final_rows).to(z.device), -1]
-    if not order:
+    if final_t is not None:
+        out[final_t] = z[final_t, -1]
+    if order_t is None:
         return out, attention
-    order_t = torch.tensor(order, dtype=torch.long).to(z.device)
     z_ordered = z[order_t]
     ordered_pos = None if position_ids is None else position_ids[order_t]
     if ordered_pos is not None:
@@ -254,7 +284,7 @@ def continue_slots(
     with torch.inference_mode():
         for k in range(n_layers):
             device = block_device(model, k)
-            pre_start, running, mid_end = bounds[k]
+            pre_start, running, mid_end = plan.bounds[k]
             if running > pre_start:
                 new = z_ordered[pre_start:running].to(device)
                 active = new if active is None else torch.cat([active.to(device), new])
@@ -273,6 +303,59 @@ def continue_slots(
                 active = new if active is None else torch.cat([active, new])
         out[order_t] = active[:, -1].to(z.device)
     return out, attention
+
+
+class ContinuationGraphs:
+    """CUDA graphs of whole `continue_slots` calls, one per shape (rows, slots, plan,
+    attention), captured on first use and replayed after: the continuation of a batch is then
+    one launch instead of thousands, which is what a small model's sweep is bound by on a GPU.
+
+    Keeps the `max_graphs` most recently used (each holds its own memory pool). A model that
+    cannot be captured turns graphs off with one warning and runs eagerly. Hooks added to the
+    model after a capture are not seen by that graph.
+    """
+
+    def __init__(self, model, max_graphs: int = 6):
+        self.model = model
+        self.max_graphs = max_graphs
+        self.enabled = str(model.cfg.device).startswith("cuda") and torch.cuda.is_available() and model.cfg.n_devices == 1
+        self._cache: dict = {}
+
+    def run(self, z, plan: ContinuationPlan, capture_attention: bool):
+        key = (tuple(z.shape), z.dtype, plan, capture_attention)
+        entry = self._cache.pop(key, None)
+        if entry is None:
+            try:
+                entry = self._capture(z, plan, capture_attention)
+            except Exception as exc:  # noqa: BLE001 - eager still works
+                import warnings
+
+                warnings.warn(f"CUDA graphs of the SimLens continuation unavailable ({type(exc).__name__}: {exc}); running eagerly")
+                self.enabled = False
+                self._cache.clear()
+                return None
+            while len(self._cache) >= self.max_graphs:
+                self._cache.pop(next(iter(self._cache)))
+        self._cache[key] = entry  # most recently used last
+        graph, z_in, out, attention = entry
+        with torch.inference_mode():
+            z_in.copy_(z)
+            graph.replay()
+            return out.clone(), (None if attention is None else attention.clone())
+
+    def _capture(self, z, plan: ContinuationPlan, capture_attention: bool):
+        final_t, order_t = _plan_indices(plan, z.device)
+        with torch.inference_mode():
+            z_in = z.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
+                _execute_plan(self.model, z_in, plan, final_t, order_t, None, capture_attention)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out, attention = _execute_plan(self.model, z_in, plan, final_t, order_t, None, capture_attention)
+        return graph, z_in, out, attention
 
 
 class GraphedContinuation:
@@ -413,8 +496,9 @@ class SimLens(Lens):
         n_points, b, n_slots, d_model = z.shape
         starts = [p for p in batch.slots.points for _ in range(b)]
         flat_pos = None if position_ids is None else position_ids.reshape(n_points * b, n_slots)
+        graphs = self._ctx.continuation_graphs() if self._ctx is not None else None
         resid, attention = continue_slots(
-            batch.model, z.reshape(n_points * b, n_slots, d_model), starts, flat_pos, self.capture_attention
+            batch.model, z.reshape(n_points * b, n_slots, d_model), starts, flat_pos, self.capture_attention, graphs
         )
         attention = None if attention is None else attention.reshape(n_points, b, *attention.shape[1:])
         return LensOutput(resid.reshape(n_points, b, d_model), attention)

@@ -149,3 +149,31 @@ def test_bad_sources_are_clear_errors(tiny_rotary):
         lens_for("s=example:40", ctx)
     with pytest.raises(LensbenchError, match="must be one"):
         lens_for('s=token:" the cat"', ctx)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (run on a GPU machine)")
+def test_cuda_graph_sweep_equals_the_eager_one(tiny_rotary):
+    """The sweep with continuations replayed from CUDA graphs stores what the eager sweep stores."""
+    import copy
+
+    from lensbench.lenses import build_lenses
+    from lensbench.runner import evaluate_batch, make_batches
+
+    model = copy.deepcopy(tiny_rotary).to("cuda")
+    examples = load_task("capitals")[:7]
+    start = start_token_id(model.tokenizer)
+    encoded, _ = encode_examples(examples, model.tokenizer, start, model.cfg.n_ctx)
+    points = readout_points(model)
+    columns = {}
+    for graphs in (False, True):
+        ctx = RunContext(model, points, {e.index: e for e in encoded}, start, batch_size=3, cuda_graphs=graphs)
+        lenses = build_lenses("logit,simlens", "drop-s,drop-a,a=swap", "consecutive", [])
+        for lens in lenses:
+            lens.prepare(ctx)
+        runs = [evaluate_batch(model, lenses, ctx, batch) for batch in make_batches(encoded, 3) * 2]  # replays too
+        columns[graphs] = [r.columns for r in runs]
+        assert (ctx._graphs is not None and len(ctx._graphs._cache) > 0) == graphs
+    for eager, graphed in zip(columns[False], columns[True]):
+        assert eager["decision"] == graphed["decision"]
+        assert eager["topk_ids"] == graphed["topk_ids"]
+        assert eager["entropy"] == pytest.approx(graphed["entropy"], abs=1e-5)
