@@ -337,7 +337,7 @@ class ContinuationGraphs:
             while len(self._cache) >= self.max_graphs:
                 self._cache.pop(next(iter(self._cache)))
         self._cache[key] = entry  # most recently used last
-        graph, z_in, out, attention = entry
+        graph, z_in, out, attention, _indices = entry
         with torch.inference_mode():
             z_in.copy_(z)
             graph.replay()
@@ -355,7 +355,9 @@ class ContinuationGraphs:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 out, attention = _execute_plan(self.model, z_in, plan, final_t, order_t, None, capture_attention)
-        return graph, z_in, out, attention
+        # The index tensors live outside the graph's pool: the entry keeps them alive, or their
+        # memory would be reused while the graph still reads it.
+        return graph, z_in, out, attention, (final_t, order_t)
 
 
 class GraphedContinuation:
