@@ -119,6 +119,7 @@ def test_batched_equals_one_at_a_time(tmp_path, embedded):
     (["--ablations", "x=1"], "bad ablation"),
     (["--batch-size", "0"], "positive integer"),
     (["--limit", "-3"], "positive integer"),
+    (["--cuda-graphs", "on"], "needs one CUDA device"),
 ])
 def test_user_mistakes_are_one_line_errors(tmp_path, args, message):
     result = lensbench("eval", "--out", str(tmp_path / "r"), "--quiet", *args, timeout=300)
