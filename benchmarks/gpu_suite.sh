@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark suite on a GPU machine, in about 4 minutes of wall time, every step time-boxed:
 #
-#   bash benchmarks/gpu_suite.sh            # CUDA: random:llama2-7b-shape (bf16),
+#   bash benchmarks/gpu_suite.sh            # CUDA: random:llama2-7b-shape and the shipped models'
+#                                           # shapes with random weights (bf16), then
 #                                           # qwen2.5-coder-0.5b and smollm2-135m (bf16 and fp32)
 #   bash benchmarks/gpu_suite.sh --quick    # CPU, tiny sizes: checks the suite itself
 #
@@ -55,6 +56,7 @@ else
   COMMON=(--device "$DEVICE" --batch-size auto --max-batch-size 64 --budget 1.5 --naive-examples 2
           --exit-examples 8 --exit-repeats 2)
   MODELS=("llama2-7b-shape-bf16|$BIG|bfloat16"
+          "qwen2.5-0.5b-shape-bf16|random:qwen2.5-0.5b-shape|bfloat16" "smollm2-135m-shape-bf16|random:smollm2-135m-shape|bfloat16"
           "qwen2.5-coder-0.5b-bf16|qwen2.5-coder-0.5b|bfloat16" "qwen2.5-coder-0.5b-fp32|qwen2.5-coder-0.5b|float32"
           "smollm2-135m-bf16|smollm2-135m|bfloat16" "smollm2-135m-fp32|smollm2-135m|float32")
   LIMIT_BIG=100 LIMIT=40 LIMIT_EVAL=45
