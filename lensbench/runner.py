@@ -161,16 +161,22 @@ def evaluate_batch(
             attention_count = counts if attention_count is None else attention_count + counts
         parts = []
         for start in range(0, len(points), chunk):
-            logits = unembed(model, output.resid[start : start + chunk])  # (p, b, vocab), float32
+            # (p, b, vocab) float32 logits; (p, 1, vocab) for a lens shared by the whole batch,
+            # read out once and broadcast (as views) to every example's candidates.
+            logits = unembed(model, output.resid[start : start + chunk])
             # Two passes over the vocabulary (log-normaliser, top-k) instead of materialising
             # the full log-softmax and its exponential: the readout is memory-bound.
             log_norm = torch.logsumexp(logits, -1, keepdim=True)
             top_logits, top_i = logits.topk(topk, dim=-1)
             top_p = (top_logits - log_norm).exp()
+            vocab_entropy = readout_entropy(logits - log_norm) if entropy == "vocab" else None
+            if output.shared:
+                logits, top_p, top_i = (t.expand(-1, b, -1) for t in (logits, top_p, top_i))
+                vocab_entropy = None if vocab_entropy is None else vocab_entropy.expand(-1, b)
             cand_logits = logits.gather(2, cand_ids[None].expand(logits.shape[0], -1, -1))
             cand_logits = cand_logits.masked_fill(~cand_mask[None], -torch.inf)
             cand_logprobs = torch.log_softmax(cand_logits, -1)
-            ent = readout_entropy(cand_logprobs) if entropy == "candidates" else readout_entropy(logits - log_norm)
+            ent = readout_entropy(cand_logprobs) if entropy == "candidates" else vocab_entropy
             del logits
             parts.append((cand_logprobs.argmax(-1), ent, cand_logprobs, top_p, top_i))
         per_lens.append([torch.cat(field) for field in zip(*parts)])

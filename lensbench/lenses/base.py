@@ -38,6 +38,10 @@ class LensOutput:
     resid: Float[Tensor, "point primary d_model"]
     # Attention weight [a] -> [s] per head in each continuation block (NaN below the point).
     attention: Float[Tensor, "point primary block head"] | None = None
+    # True when the lens's input is the same for every example (e.g. SimLens with [a] dropped:
+    # the start token's state is a per-layer constant): `resid` then has one row per point,
+    # shape (point, 1, d_model), computed and read out once and shared by the batch.
+    shared: bool = False
 
 
 @dataclass

@@ -357,7 +357,8 @@ def collect_fit_data(model, encoded, points, target: str = "simlens", positions:
         a = slots.a[inner]
         if target == "simlens":
             lens_batch = LensBatch(model, slots, len(batch), torch.tensor([e.index for e in batch]))
-            goal = simlens.final_residuals(lens_batch).resid[inner]
+            output = simlens.final_residuals(lens_batch)
+            goal = (output.resid.expand(-1, len(batch), -1) if output.shared else output.resid)[inner]
         else:
             goal = slots.a[-1:].expand_as(a)
         sources.append(a.float().cpu().clone())

@@ -493,8 +493,28 @@ class SimLens(Lens):
         position_ids = torch.stack(pos, dim=1)[None].expand(z.shape[0], -1, -1)
         return z, position_ids
 
+    def example_independent(self, batch: LensBatch) -> bool:
+        """Whether every example of the batch gets the same input: each remaining slot is the
+        start token's own state (`s=self`, `s=layer:K`) or a fixed vector (`token`, `mean`,
+        `zero`), at positions that do not depend on the prompt, and the examples share their
+        start token. Such a lens is computed once per point (METHOD.md: `[s]` is a per-layer
+        constant, so "drop [a]" is the prompt-independent prior)."""
+        slots = self.ablation.slots
+        fixed = all((slot == "s" and src.kind in ("self", "layer")) or src.kind in ("token", "mean", "zero")
+                    for slot, src in slots)
+        if not fixed or (self.positions == "original" and any(slot == "a" for slot, _ in slots)):
+            return False
+        if self._ctx is None:
+            return False
+        examples = [self._ctx.examples.get(int(i)) for i in batch.example_index[: batch.n_primary].tolist()]
+        return all(e is not None for e in examples) and len({e.tokens[0] for e in examples}) == 1
+
     def final_residuals(self, batch: LensBatch) -> LensOutput:
         z, position_ids = self.inputs(batch)
+        shared = self.example_independent(batch)
+        if shared:  # one row per point stands for the whole batch
+            z = z[:, :1]
+            position_ids = None if position_ids is None else position_ids[:, :1]
         n_points, b, n_slots, d_model = z.shape
         starts = [p for p in batch.slots.points for _ in range(b)]
         flat_pos = None if position_ids is None else position_ids.reshape(n_points * b, n_slots)
@@ -503,7 +523,7 @@ class SimLens(Lens):
             batch.model, z.reshape(n_points * b, n_slots, d_model), starts, flat_pos, self.capture_attention, graphs
         )
         attention = None if attention is None else attention.reshape(n_points, b, *attention.shape[1:])
-        return LensOutput(resid.reshape(n_points, b, d_model), attention)
+        return LensOutput(resid.reshape(n_points, b, d_model), attention, shared)
 
     def logits_hooked(self, batch: LensBatch, point_index: int) -> Float[Tensor, "primary d_vocab"]:
         """The reference formulation at one readout point, for the same batch."""

@@ -43,7 +43,10 @@ def test_fast_path_equals_hook_formulation(request, model_name, positions):
     points = range(len(ctx.points)) if model_name != "embedded" else [0, 1, 8, 15, 22, 29, 30]
     for spec in specs:
         lens = lens_for(spec, ctx, positions)
-        fast = unembed(model, lens.final_residuals(batch).resid)
+        out = lens.final_residuals(batch)
+        # a shared lens (e.g. drop-a) computes one row per point: every example's reference must equal it
+        assert out.shared == (spec in ("drop-a",)), spec
+        fast = unembed(model, out.resid.expand(-1, batch.n_primary, -1))
         for point_index in points:
             reference = lens.logits_hooked(batch, point_index)
             assert torch.allclose(fast[point_index], reference, atol=2e-4, rtol=1e-4), (spec, point_index)
@@ -65,7 +68,7 @@ def test_mid_site_fast_path_equals_hooks(tiny_rotary):
     assert ctx.points[1].hook_name == "blocks.1.hook_resid_mid"
     for spec in ["none", "drop-a"]:
         lens = lens_for(spec, ctx)
-        fast = unembed(tiny_rotary, lens.final_residuals(batch).resid)
+        fast = unembed(tiny_rotary, lens.final_residuals(batch).resid.expand(-1, batch.n_primary, -1))
         for point_index in range(len(ctx.points)):
             assert torch.allclose(fast[point_index], lens.logits_hooked(batch, point_index), atol=2e-4)
 
@@ -177,3 +180,32 @@ def test_cuda_graph_sweep_equals_the_eager_one(tiny_rotary):
         assert eager["decision"] == graphed["decision"]
         assert eager["topk_ids"] == graphed["topk_ids"]
         assert eager["entropy"] == pytest.approx(graphed["entropy"], abs=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["drop-a", "s=layer:1+a=drop", "s=self+a=zero", 's=token:" the"+a=drop'])
+def test_shared_lenses_store_what_per_example_computation_stores(tiny_rotary, monkeypatch, spec):
+    """A lens whose input is the same for every example is computed once per point; the stored
+    columns equal those of computing it for each example."""
+    from lensbench.lenses import build_lenses
+    from lensbench.runner import evaluate_batch, make_batches
+
+    examples = load_task("capitals")[:6]
+    start = start_token_id(tiny_rotary.tokenizer)
+    encoded, _ = encode_examples(examples, tiny_rotary.tokenizer, start, tiny_rotary.cfg.n_ctx)
+    ctx = RunContext(tiny_rotary, readout_points(tiny_rotary), {e.index: e for e in encoded}, start, batch_size=6)
+    lenses = build_lenses("simlens", spec, "consecutive", [])[1:]
+    for lens in lenses:
+        lens.prepare(ctx)
+    batch = make_batches(encoded, 6)[0]
+    original = SimLens.example_independent
+    seen = []
+    monkeypatch.setattr(SimLens, "example_independent", lambda self, b: seen.append(original(self, b)) or seen[-1])
+    shared = evaluate_batch(tiny_rotary, lenses, ctx, batch).columns
+    assert seen == [True]  # the shared path was taken
+    monkeypatch.setattr(SimLens, "example_independent", lambda self, b: False)
+    each = evaluate_batch(tiny_rotary, lenses, ctx, batch).columns
+    for key in ("decision", "topk_ids", "example_index", "layer"):
+        assert shared[key] == each[key], key
+    assert shared["entropy"] == pytest.approx(each["entropy"], abs=1e-5)
+    for ours, theirs in zip(shared["candidate_logprobs"], each["candidate_logprobs"]):
+        assert ours == pytest.approx(theirs, abs=1e-5)
