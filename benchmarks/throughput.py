@@ -383,7 +383,6 @@ def simexit(model, info, encoded, batch_size, pad_id, args, lenses, ctx):
     for row in rows:
         row.update(threshold=tau, min_layer=min_layer, linear=args.linear or "identity maps",
                    cuda_graphs=executor.cuda_graphs)
-    bs1 = next(r for r in rows if r["batch_size"] == 1)
     if executor.cuda_graphs:  # the same without graphs, for comparison
         eager = exits.SimExitExecutor(model, lens, threshold=tau, policy="linear-simlens", min_layer=min_layer,
                                       pad_id=pad_id, cuda_graphs=False)
@@ -391,38 +390,7 @@ def simexit(model, info, encoded, batch_size, pad_id, args, lenses, ctx):
                                                               repeats=args.exit_repeats, warmup=1)):
             row["eager_exit_seconds"] = plain_row["exit_seconds"]
             row["eager_wall_clock_speedup"] = row["full_seconds"] / plain_row["exit_seconds"]
-    try:
-        bs1.update(attainable(model, encoded, executor, bs1, args.exit_repeats))
-    except Exception as exc:  # noqa: BLE001 - a figure fewer, not a lost benchmark
-        print(f"  attainable speedup not measured: {type(exc).__name__}: {exc}", file=sys.stderr)
-    return rows
-
-
-def attainable(model, encoded, executor, row: dict, repeats: int) -> dict:
-    """The wall-clock speedup SimExit would reach at batch size 1 if deciding to exit cost
-    nothing: each example's prompt blocks up to its exit layer (the full model's time times
-    l/L) plus its measured two-token continuation from l (as the executor runs it). Layer-token
-    accounting counts a two-token block as 2/T of a prompt block; on a GPU it still reads every
-    weight, which is what separates this bound from the layer-token ratio."""
-    from lensbench import exits
-
-    n_layers = model.cfg.n_layers
-    result = executor.run(encoded, 1)
-    d_model = model.cfg.d_model
-    dtype = next(model.parameters()).dtype
-    pair = torch.randn(1, d_model, dtype=dtype, device=model.cfg.device)
-    lengths = torch.tensor([len(e.tokens) for e in encoded[:1]], device=model.cfg.device)
-    cont: dict[int, float] = {}
-    for layer in sorted(set(result.exit_layer)):
-        if layer >= n_layers:
-            cont[layer] = 0.0
-            continue
-        fn = torch.inference_mode()(lambda: executor._continue(pair, pair, [layer], lengths))  # noqa: E731
-        cont[layer] = exits._timed(fn, model.cfg.device, max(3, repeats), 1)[0]
-    full_each = row["full_seconds"] / len(encoded)
-    ideal = sum(full_each * min(layer, n_layers) / n_layers + cont[layer] for layer in result.exit_layer)
-    return {"attainable_exit_seconds": ideal, "attainable_wall_clock_speedup": row["full_seconds"] / ideal,
-            "continuation_seconds": {str(k): v for k, v in cont.items()}}
+    return rows  # the batch-1 row carries the attainable speedup (exits.attainable_speedup)
 
 
 def _gib(n):

@@ -314,6 +314,15 @@ def test_measure_speedup_reports_both_speedups(tiny_exit_run, tiny_rotary):
         expected = sum(4 * t for t in lengths) / sum(2 * t + 2 * 2 + map_cost for t in lengths)
         assert row["layer_token_speedup"] == pytest.approx(expected)
         assert row["full_seconds"] > 0 and row["exit_seconds"] > 0
+    # batch size 1 carries the attainable bound: every example exits at 2 of 4 layers, so the
+    # prompt half of the full time plus one measured continuation from layer 2 per example
+    bs1 = rows[0]
+    cont = bs1["continuation_seconds"]
+    assert list(cont) == ["2"] and cont["2"] > 0
+    ideal = bs1["full_seconds"] / 2 + len(encoded) * cont["2"]
+    assert bs1["attainable_exit_seconds"] == pytest.approx(ideal)
+    assert bs1["attainable_wall_clock_speedup"] == pytest.approx(bs1["full_seconds"] / ideal)
+    assert "attainable_wall_clock_speedup" not in rows[1]
 
 
 def test_executor_refuses_what_it_cannot_run(tiny_rotary):
