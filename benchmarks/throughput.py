@@ -205,7 +205,11 @@ def run(args) -> dict:
     encoded, _ = encode_examples(examples, model.tokenizer, start_id, model.cfg.n_ctx, skip_invalid=True)
     points = readout_points(model)
     pad_id = pad_token_id(model.tokenizer, start_id)
-    graphs = {"on": True, "off": False}.get(args.cuda_graphs, cuda)
+    from lensbench.exits import GRAPH_OPTIONS
+    from lensbench.lenses.simlens import cuda_graphs_possible
+
+    graphs = GRAPH_OPTIONS[args.cuda_graphs]
+    graphs = cuda_graphs_possible(model) if graphs is None else graphs
     ctx = RunContext(model, points, {e.index: e for e in encoded}, pad_id, n_pool, cuda_graphs=graphs)
     lenses = build_lenses("logit,simlens", "", "consecutive", [])
     lenses_abl = build_lenses("logit,simlens", args.ablations, "consecutive", [])

@@ -471,7 +471,9 @@ class SimExitExecutor:
         self.positions = positions
         self.pad_id = pad_id
         self.tau = threshold_vector(threshold, n_layers, min_layer).tolist()
-        on_cuda = str(model.cfg.device).startswith("cuda") and torch.cuda.is_available() and model.cfg.n_devices == 1
+        from lensbench.lenses.simlens import cuda_graphs_possible
+
+        on_cuda = cuda_graphs_possible(model)
         if cuda_graphs and not on_cuda:
             raise LensbenchError("cuda_graphs needs the model on one CUDA device")
         self.cuda_graphs = on_cuda if cuda_graphs is None else bool(cuda_graphs)

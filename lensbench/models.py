@@ -267,18 +267,17 @@ def _convert_to_cache(source: Path, kind: str, sha: str, n_ctx: int, tl_name: st
         config_source = tl_name or str(hf_dir)
         cfg = _tl_config(config_source, "cpu", n_ctx)
         state = loading.get_pretrained_state_dict(config_source, cfg, hf_model)
-        # Memory: the transformers model goes before the TransformerLens one is built, and the
-        # latter skips its random initialisation (every parameter is loaded below), so a
-        # 1.5B model converts in 24 GB.
+        # Memory (what lets a 1.5B model convert in 24 GB): the transformers model goes before
+        # the TransformerLens one is built; that one skips its random initialisation (every
+        # parameter is loaded below); and as TransformerLens deep-copies the whole state dict
+        # for each processing step while the caller still holds the original, value biases
+        # are folded in place afterwards rather than by a third copy (same result).
         del hf_model
         gc.collect()
         cfg.init_weights = False
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = HookedTransformer(cfg, tokenizer, move_to_device=False)
-        # TransformerLens deep-copies the whole state dict for each processing step while the
-        # caller still holds the original; value biases are folded in place afterwards instead
-        # of by a third copy (same result), which is what lets a 1.5B model convert in 24 GB.
         model.load_and_process_state_dict(
             state, fold_ln=True, center_writing_weights=False, center_unembed=False,
             fold_value_biases=False, refactor_factored_attn_matrices=False,

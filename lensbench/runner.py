@@ -30,6 +30,7 @@ from lensbench import metrics, store
 from lensbench.distributed import Dist
 from lensbench.errors import LensbenchError
 from lensbench.lenses import Lens, LensBatch, RunContext, SimLens, build_lenses
+from lensbench.lenses.simlens import cuda_graphs_possible
 from lensbench.models import DEFAULT_MODEL, DEFAULT_N_CTX, ModelInfo, load_model
 from lensbench.readout import entropy as readout_entropy
 from lensbench.readout import check_extra_positions, collect_slots, pad_right, readout_points, unembed
@@ -413,8 +414,7 @@ def prepare(cfg: EvalConfig, model=None, model_info: ModelInfo | None = None):
         raise LensbenchError("no examples left to evaluate" + (f" ({len(skipped)} skipped)" if skipped else ""))
     points = readout_points(model, cfg.site)
     pad_id = pad_token_id(model.tokenizer, start_id)
-    graphs = cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and str(model.cfg.device).startswith("cuda")
-                                         and model.cfg.n_devices == 1)
+    graphs = cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and cuda_graphs_possible(model))
     ctx = RunContext(model, points, {e.index: e for e in encoded}, pad_id, cfg.plan_batch_size, cfg.mean_examples, graphs)
     return model, model_info, examples, encoded, skipped, lenses, ctx, start_id
 

@@ -16,6 +16,7 @@ to each slot; readout is at the last remaining slot.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -305,6 +306,25 @@ def _execute_plan(model, z, plan: ContinuationPlan, final_t, order_t, position_i
     return out, attention
 
 
+def cuda_graphs_possible(model) -> bool:
+    """Whether CUDA graphs can replay this model's blocks: all of it on one CUDA device."""
+    return str(model.cfg.device).startswith("cuda") and torch.cuda.is_available() and model.cfg.n_devices == 1
+
+
+def _capture(fn):
+    """Warm `fn` up on a side stream (as capture requires), then capture one call of it in a
+    CUDA graph; returns the graph and what the captured call returned (its static outputs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 class ContinuationGraphs:
     """CUDA graphs of whole `continue_slots` calls, one per shape (rows, slots, plan,
     attention), captured on first use and replayed after: the continuation of a batch is then
@@ -318,7 +338,7 @@ class ContinuationGraphs:
     def __init__(self, model, max_graphs: int = 6):
         self.model = model
         self.max_graphs = max_graphs
-        self.enabled = str(model.cfg.device).startswith("cuda") and torch.cuda.is_available() and model.cfg.n_devices == 1
+        self.enabled = cuda_graphs_possible(model)
         self._cache: dict = {}
 
     def run(self, z, plan: ContinuationPlan, capture_attention: bool):
@@ -328,8 +348,6 @@ class ContinuationGraphs:
             try:
                 entry = self._capture(z, plan, capture_attention)
             except Exception as exc:  # noqa: BLE001 - eager still works
-                import warnings
-
                 warnings.warn(f"CUDA graphs of the SimLens continuation unavailable ({type(exc).__name__}: {exc}); running eagerly")
                 self.enabled = False
                 self._cache.clear()
@@ -347,14 +365,9 @@ class ContinuationGraphs:
         final_t, order_t = _plan_indices(plan, z.device)
         with torch.inference_mode():
             z_in = z.clone()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
-                _execute_plan(self.model, z_in, plan, final_t, order_t, None, capture_attention)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out, attention = _execute_plan(self.model, z_in, plan, final_t, order_t, None, capture_attention)
+            graph, (out, attention) = _capture(
+                lambda: _execute_plan(self.model, z_in, plan, final_t, order_t, None, capture_attention)
+            )
         # The index tensors live outside the graph's pool: the entry keeps them alive, or their
         # memory would be reused while the graph still reads it.
         return graph, z_in, out, attention, (final_t, order_t)
@@ -372,10 +385,8 @@ class GraphedContinuation:
     """
 
     def __init__(self, model, n: int, n_slots: int = 2):
-        if not str(model.cfg.device).startswith("cuda") or not torch.cuda.is_available():
-            raise LensbenchError("CUDA graphs need the model on a CUDA device")
-        if model.cfg.n_devices != 1:
-            raise LensbenchError("CUDA graphs of the continuation need the model on one device")
+        if not cuda_graphs_possible(model):
+            raise LensbenchError("CUDA graphs of the continuation need the model on one CUDA device")
         self.model = model
         self.n, self.n_slots = n, n_slots
         n_layers, d_model = model.cfg.n_layers, model.cfg.d_model
@@ -384,16 +395,8 @@ class GraphedContinuation:
         self.buffers = [torch.zeros(n, n_slots, d_model, dtype=dtype, device=device) for _ in range(n_layers + 1)]
         self.graphs: list = []
         with torch.inference_mode():
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
-                for k in range(n_layers):
-                    self.buffers[k + 1].copy_(model.blocks[k](self.buffers[k]))
-            torch.cuda.current_stream().wait_stream(side)
             for k in range(n_layers):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    self.buffers[k + 1].copy_(model.blocks[k](self.buffers[k]))
+                graph, _ = _capture(lambda: self.buffers[k + 1].copy_(model.blocks[k](self.buffers[k])))
                 self.graphs.append(graph)
 
     def run(self, z: Float[Tensor, "n slot d_model"], start_layer: int) -> Float[Tensor, "n d_model"]:
