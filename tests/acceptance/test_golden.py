@@ -1,0 +1,41 @@
+"""Behaviour pinned across refactors: the command line reproduces, bit for bit, the runs,
+lens, calibration and report stored in tests/golden/expected.json (made by
+tests/golden/make_golden.py on the code before the architecture refactor)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+sys.path.insert(0, str(GOLDEN))
+import make_golden  # noqa: E402
+
+
+def _differences(expected, actual, where: str = "") -> list[str]:
+    """Where `actual` differs from `expected` (keys `actual` adds are allowed: new fields)."""
+    if isinstance(expected, dict):
+        if not isinstance(actual, dict):
+            return [f"{where}: expected an object"]
+        out = []
+        for key, value in expected.items():
+            if key not in actual:
+                out.append(f"{where}/{key}: missing")
+            else:
+                out.extend(_differences(value, actual[key], f"{where}/{key}"))
+        return out
+    if expected != actual:
+        return [f"{where}: {json.dumps(expected)[:120]} != {json.dumps(actual)[:120]}"]
+    return []
+
+
+@pytest.mark.slow
+def test_cli_reproduces_golden_outputs(tmp_path):
+    expected = json.loads((GOLDEN / "expected.json").read_text())
+    make_golden.make(tmp_path)
+    actual = make_golden.digest(tmp_path)
+    problems = _differences(expected, actual)
+    assert not problems, "\n".join(problems[:40])
