@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 from lensbench.errors import LensbenchError
+from lensbench.tasks import parse_spec
 from lensbench.store import Run, list_runs, open_run
 
 DEFAULT_OUT = "figures"
@@ -67,11 +68,9 @@ def collect_runs(paths: Iterable[str | Path], complete_only: bool = True) -> lis
 
 
 def task_parts(task: str) -> tuple[str, str | None]:
-    """`arc-easy@test` -> (`arc-easy`, `test`)."""
-    if "@" in task and task.rsplit("@", 1)[1] in ("calib", "test"):
-        base, part = task.rsplit("@", 1)
-        return base, part
-    return task, None
+    """`arc-easy@test` -> (`arc-easy`, `test`) (`tasks.parse_spec`'s half)."""
+    name, split, part = parse_spec(task)
+    return (task.rsplit("@", 1)[0] if part else task), part
 
 
 def is_calibration_run(run: Run) -> bool:
@@ -162,9 +161,9 @@ def exporting(formats: Iterable[str]):
     """One Chromium kept open for all PNGs of a script (a no-op without PNG output)."""
     from contextlib import nullcontext
 
-    from lensbench import plotting
+    from lensbench import figure_files
 
-    return plotting.static_export() if "png" in formats else nullcontext()
+    return figure_files.static_export() if "png" in formats else nullcontext()
 
 
 def figure_runs(args) -> tuple[list[Run], dict[Path, str], dict[Path, Run | None]]:

@@ -19,7 +19,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analyses import common
-from lensbench import plotting
+from lensbench import figure_files, plotting
 
 ORDER = ("logit", "simlens", "linear-simlens", "tuned")
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
             if fig is None:
                 common.note(f"{run.path}: no Iso-Compute curves; no figure")
                 continue
-            written += plotting.save_figure(fig, args.out, f"iso_compute_{slugs[run.path]}", formats)
+            written += figure_files.save_figure(fig, args.out, f"iso_compute_{slugs[run.path]}", formats)
             if gain is not None:
                 rows.append({
                     "model": common.model_name(run), "task": common.task_name(run), "run": str(run.path),

@@ -24,7 +24,7 @@ if __package__ in (None, ""):
 
 from analyses import common
 from analyses.simexit import operating_points
-from lensbench import plotting
+from lensbench import figure_files, plotting
 
 SPEED_FILE = "simexit_speed.json"
 POLICY = "linear-simlens"
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     written.append(out / "main_table.md")
     with common.exporting(formats):
         fig = plotting.table_figure(frame, title=f"Main table<br><sup>{notes}</sup>")
-        written += plotting.save_figure(fig, out, "main_table", formats)
+        written += figure_files.save_figure(fig, out, "main_table", formats)
     return common.finish(written)
 
 

@@ -15,7 +15,7 @@ if __package__ in (None, ""):  # run as a file: python analyses/per_layer.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analyses import common
-from lensbench import plotting
+from lensbench import figure_files, plotting
 
 LENSES = ("logit", "simlens", "linear-simlens", "tuned")
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
             if fig is None:
                 common.note(f"{run.path}: none of {', '.join(LENSES)}; no figure")
                 continue
-            written += plotting.save_figure(fig, args.out, f"per_layer_{slugs[run.path]}", formats)
+            written += figure_files.save_figure(fig, args.out, f"per_layer_{slugs[run.path]}", formats)
     return common.finish(written)
 
 

@@ -21,7 +21,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analyses import common
-from lensbench import plotting
+from lensbench import figure_files, plotting
 
 
 def figures_for(run, point: int | None = None) -> dict:
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     with common.exporting(formats):
         for run in runs:
             for name, fig in figures_for(run, args.point).items():
-                written += plotting.save_figure(fig, args.out, f"{name}_{slugs[run.path]}", formats)
+                written += figure_files.save_figure(fig, args.out, f"{name}_{slugs[run.path]}", formats)
     return common.finish(written)
 
 

@@ -24,7 +24,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analyses import common
-from lensbench import exits, plotting
+from lensbench import exits, figure_files, plotting
 
 TARGETS = {"best-accuracy": "best accuracy", "max-drop": "≤ 1 point drop"}
 POLICY_LABELS = {"linear-simlens": "SimExit (Linear SimLens entropy)", "logit": "logit-lens entropy",
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
             if fig is None:
                 common.note(f"{run.path}: no exit policy applies (it needs SimLens); no figure")
                 continue
-            written += plotting.save_figure(fig, args.out, f"simexit_{slugs[run.path]}", formats)
+            written += figure_files.save_figure(fig, args.out, f"simexit_{slugs[run.path]}", formats)
             rows += [{"model": common.model_name(run), "task": common.task_name(run), "run": str(run.path), **p,
                       "threshold": "per-layer" if isinstance(p["threshold"], dict) else p["threshold"]} for p in points]
     if rows:

@@ -75,7 +75,7 @@ def settle_layers(path: str, stamp: int, lens: str) -> pd.Series:
 def final_outcomes(path: str, stamp: int) -> pd.DataFrame:
     """Per example: the model's own decision and whether it is correct (the final readout)."""
     frame = light_predictions(path, stamp)
-    final = frame[frame["layer"] == frame["layer"].max()].drop_duplicates("example_index")
+    final = metrics.final_rows(frame)
     out = final.set_index("example_index")[["final_decision", "gold"]]
     return out.assign(correct=out["final_decision"] == out["gold"])
 

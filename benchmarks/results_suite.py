@@ -34,9 +34,9 @@ torch.set_grad_enabled(False)
 
 from lensbench.errors import LensbenchError  # noqa: E402
 from lensbench.exits import (  # noqa: E402
-    POLICIES, TARGETS, _executor_for, calibrate, encoded_examples_of, measure_speedup, parse_threshold,
+    POLICIES, TARGETS, executor_for, calibrate, encoded_examples_of, measure_speedup, parse_threshold,
 )
-from lensbench.lenses.linear import FitConfig, fit_from_config  # noqa: E402
+from lensbench.lenses.fit import FitConfig, fit_from_config  # noqa: E402
 from lensbench.models import load_model  # noqa: E402
 from lensbench.report import build_report  # noqa: E402
 from lensbench.runner import EvalConfig, run_eval  # noqa: E402
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
                     continue
                 if result["target"] not in ("best-accuracy", "max-drop"):
                     continue
-                executor = _executor_for(model, test, result["policy"], parse_threshold(result["threshold"]),
+                executor = executor_for(model, test, result["policy"], parse_threshold(result["threshold"]),
                                          result["answer_lens"], result["min_layer"], str(lin_dir), pad_id)
                 timings = measure_speedup(model, encoded, executor, (1, args.speed_batch), args.speed_repeats)
                 result["test"]["timings"] = timings

@@ -5,7 +5,7 @@ On one batch of a task's prompts (5-shot ARC-Easy by default) and one model, in 
   (a)  plain      `model(tokens)`: a plain batched HookedTransformer forward (logits at every
                   position); (a') plain-answer: the forward to the last block and the
                   unembedding of the answer position only (the least work that answers)
-  (b)  sweep      `runner.evaluate_batch` with the logit lens and SimLens at every readout
+  (b)  sweep      `evaluate.evaluate_batch` with the logit lens and SimLens at every readout
                   point: slot gathering, continuation, readout, decisions, entropies, top-k and
                   the stored columns
   (b+) sweep+abl  the same with the SimLens slot ablations (default drop-s, drop-a)
@@ -156,7 +156,7 @@ def load(spec: str, device: str, dtype: str, n_ctx: int):
 
 def naive_example(model, example, points, ablation_slots: list[str], topk: int = 5) -> list:
     """The naive loop for one example: cache its residuals, then one call per point and lens."""
-    from lensbench.lenses.simlens import simlens_logits_naive
+    from lensbench.continuation import simlens_logits_naive
     from lensbench.readout import unembed
 
     device = model.cfg.device
@@ -190,7 +190,8 @@ def run(args) -> dict:
     from lensbench.lenses import build_lenses
     from lensbench.lenses.base import RunContext
     from lensbench.readout import readout_points
-    from lensbench.runner import evaluate_batch, is_out_of_memory, make_batches
+    from lensbench.evaluate import evaluate_batch, is_out_of_memory
+    from lensbench.tasks import make_batches
     from lensbench.tasks import encode_examples, load_task, pad_token_id, start_token_id
 
     t0 = time.perf_counter()
@@ -205,8 +206,8 @@ def run(args) -> dict:
     encoded, _ = encode_examples(examples, model.tokenizer, start_id, model.cfg.n_ctx, skip_invalid=True)
     points = readout_points(model)
     pad_id = pad_token_id(model.tokenizer, start_id)
-    from lensbench.exits import GRAPH_OPTIONS
-    from lensbench.lenses.simlens import cuda_graphs_possible
+    from lensbench.commands.options import GRAPH_OPTIONS
+    from lensbench.continuation import cuda_graphs_possible
 
     graphs = GRAPH_OPTIONS[args.cuda_graphs]
     graphs = cuda_graphs_possible(model) if graphs is None else graphs
@@ -368,7 +369,7 @@ def simexit(model, info, encoded, batch_size, pad_id, args, lenses, ctx):
         print("  (d) skipped: lensbench.exits is not there yet", file=sys.stderr)
         return None
     from lensbench.lenses.linear import LinearLens
-    from lensbench.runner import evaluate_batch
+    from lensbench.evaluate import evaluate_batch
 
     print(f"  measuring (d) SimExit ...", file=sys.stderr, flush=True)
     lens = LinearLens.load(args.linear) if args.linear else identity_linear_lens(model, args.model)

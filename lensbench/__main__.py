@@ -1,5 +1,5 @@
 import sys
 
-from lensbench.cli import main
+from lensbench.commands import main
 
 sys.exit(main())

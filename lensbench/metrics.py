@@ -76,10 +76,16 @@ def settle_layer(predictions: pd.DataFrame, lens: str) -> pd.Series:
     return pd.Series(result, name="settle_layer")
 
 
+def final_rows(predictions: pd.DataFrame) -> pd.DataFrame:
+    """One row per example at the final readout point (where every lens is the model itself):
+    its `final_decision` and `gold` are the full model's answer and the truth."""
+    return predictions[predictions["layer"] == predictions["layer"].max()].drop_duplicates("example_index")
+
+
 def summarize(predictions: pd.DataFrame, extra: dict | None = None) -> dict:
     layers = per_layer(predictions)
     final_layer = int(predictions["layer"].max())
-    finals = predictions[(predictions["layer"] == final_layer)].drop_duplicates("example_index")
+    finals = final_rows(predictions)
     summary = {
         "n_examples": int(predictions["example_index"].nunique()),
         "final_layer": final_layer,
@@ -90,3 +96,21 @@ def summarize(predictions: pd.DataFrame, extra: dict | None = None) -> dict:
     if extra:
         summary.update(extra)
     return summary
+
+
+def format_per_layer(per_layer: dict, names: list[str] | None = None) -> str:
+    """Per-layer accuracy and fidelity of each lens as a text table (`per_layer`'s layout:
+    `{lens: {"layer": [...], "accuracy": [...], "fidelity": [...]}}`)."""
+    names = [n for n in (names or list(per_layer)) if n in per_layer]
+    lines = [f"{'layer':>5} " + " ".join(f"{n[:21]:>21}" for n in names),
+             f"{'':>5} " + " ".join(f"{'acc':>10} {'fid':>10}" for _ in names)]
+    for i, layer in enumerate(per_layer[names[0]]["layer"]):
+        lines.append(f"{layer:>5} " + " ".join(
+            f"{per_layer[n]['accuracy'][i]:>10.3f} {per_layer[n]['fidelity'][i]:>10.3f}" for n in names))
+    return "\n".join(lines)
+
+
+def format_table(summary: dict, lenses: list[str] | None = None) -> str:
+    """The per-layer table printed at the end of a run, with the final model's accuracy."""
+    return (format_per_layer(summary["lenses"], lenses) + "\n"
+            f"final model accuracy: {summary['final_accuracy']:.3f} on {summary['n_examples']} examples")

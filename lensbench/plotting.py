@@ -3,7 +3,7 @@
 Every function takes plain data that the library already computed (the per-layer dicts of
 `metrics.per_layer` / `summary.json`, the DataFrames of `compute` and `exits`, the attention
 tensor of `Run.attention()`) and returns a `plotly.graph_objects.Figure`; none of them
-recomputes a metric. `save_figure` writes a figure as interactive HTML and a static PNG
+recomputes a metric. `figure_files.save_figure` writes a figure as interactive HTML and a static PNG
 (plotly's static export through kaleido, driving the system Chromium at `/usr/bin/chromium`;
 kaleido never downloads a browser here).
 """
@@ -11,11 +11,7 @@ kaleido never downloads a browser here).
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import warnings
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import plotly.graph_objects as go
@@ -317,70 +313,6 @@ def table_figure(frame, title: str | None = None) -> go.Figure:
         cells=dict(values=[list(frame[c]) for c in frame.columns], align="left"),
     ))
     return _layout(fig, title, height=max(220, 60 + 30 * (len(frame) + 2)), width=max(700, 150 * len(frame.columns)))
-
-
-# ---------------------------------------------------------------------------------------------
-# Output
-# ---------------------------------------------------------------------------------------------
-
-SYSTEM_CHROMIUM = "/usr/bin/chromium"
-
-
-def _point_kaleido_at_system_chromium() -> None:
-    # choreographer (kaleido's browser driver) takes BROWSER_PATH before its own search, and
-    # nothing here calls its download helpers.
-    if "BROWSER_PATH" not in os.environ:
-        found = SYSTEM_CHROMIUM if os.path.exists(SYSTEM_CHROMIUM) else shutil.which("chromium")
-        if found:
-            os.environ["BROWSER_PATH"] = found
-
-
-@contextmanager
-def static_export():
-    """Keep one Chromium open for a batch of PNG exports (otherwise each starts its own)."""
-    _point_kaleido_at_system_chromium()
-    try:
-        import kaleido
-
-        kaleido.start_sync_server(silence_warnings=True)
-        started = True
-    except Exception:  # an older kaleido: fall back to one browser per image
-        started = False
-    try:
-        yield
-    finally:
-        if started:
-            kaleido.stop_sync_server(silence_warnings=True)
-
-
-def save_figure(fig: go.Figure, out_dir: str | Path, stem: str, formats: Sequence[str] = ("png", "html"),
-                scale: float = 2.0) -> list[Path]:
-    """Write `fig` as OUT_DIR/STEM.html (interactive; plotly.js loaded from a file beside it)
-    and OUT_DIR/STEM.png (static); returns the paths written."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    if "html" in formats:
-        path = out_dir / f"{stem}.html"
-        # "directory": one plotly.min.js beside the pages, so they work offline without
-        # embedding 4 MB of JavaScript in each.
-        fig.write_html(path, include_plotlyjs="directory", full_html=True)
-        written.append(path)
-    if "png" in formats:
-        _point_kaleido_at_system_chromium()
-        path = out_dir / f"{stem}.png"
-        try:
-            with warnings.catch_warnings():  # plotly passes options a running kaleido server ignores
-                warnings.filterwarnings("ignore", message="The kopts argument is ignored")
-                fig.write_image(path, format="png", scale=scale)
-        except Exception as exc:
-            if "chrom" in str(exc).lower():
-                raise RuntimeError(
-                    f"static export needs Chromium at {SYSTEM_CHROMIUM}: run `bash scripts/setup-browser.sh` "
-                    f"(or set BROWSER_PATH) ({exc})") from exc
-            raise
-        written.append(path)
-    return written
 
 
 # ---------------------------------------------------------------------------------------------

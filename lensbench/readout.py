@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from lensbench.errors import LensbenchError
@@ -80,6 +80,15 @@ def pad_right(token_lists: list[list[int]], pad_id: int, device) -> tuple[Int[Te
     for row, ids in enumerate(token_lists):
         tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
     return tokens, lengths
+
+
+def pad_candidates(candidate_lists: list[list[int]], device=None) -> tuple[Int[Tensor, "row cand"], Bool[Tensor, "row cand"]]:
+    """Candidate token ids padded with 0 to the longest list, and the mask of real candidates."""
+    n_cand = max(len(c) for c in candidate_lists)
+    ids = torch.tensor([list(c) + [0] * (n_cand - len(c)) for c in candidate_lists], dtype=torch.long, device=device)
+    counts = torch.tensor([len(c) for c in candidate_lists], device=device)
+    mask = torch.arange(n_cand, device=device)[None] < counts[:, None]
+    return ids, mask
 
 
 def _gather_positions(

@@ -10,14 +10,12 @@ The report holds, for the app and the analyses (which read it rather than recomp
 - `calibrated` (with `--calib CALIB_RUN`): for each policy and the three targets, the threshold
   chosen on the calibration run and its results on this (test) run (`exits.calibrate`).
 
-`lensbench report` also registers `lensbench calibrate` and `lensbench exit-speed` (see
-`lensbench.exits`).
+The command is `lensbench.commands.report`.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -78,7 +76,7 @@ def build_report(run_path, calib_run=None, *, n_budgets: int = 50, unit: str = "
     if map_cost is None and dims is not None:
         map_cost = dims.map_cost
     final_layer = int(predictions["layer"].max())
-    finals = predictions[predictions["layer"] == final_layer].drop_duplicates("example_index")
+    finals = metrics.final_rows(predictions)
     report: dict = {
         "report_version": REPORT_VERSION,
         "run": str(run.path),
@@ -108,8 +106,8 @@ def build_report(run_path, calib_run=None, *, n_budgets: int = 50, unit: str = "
     report["iso_compute"] = iso
 
     policies: dict = {}
-    for policy in exits.POLICIES:
-        needed = {answer_lens} | ({exits.CONFIDENCE_LENS[policy]} if exits.CONFIDENCE_LENS[policy] else set())
+    for policy, record in exits.POLICIES.items():
+        needed = {answer_lens} | ({record.confidence_lens} if record.confidence_lens else set())
         if not needed <= set(lenses):
             continue
         data = exits.prepare_exits(predictions, examples, policy, answer_lens, min_layer, map_cost)
@@ -123,7 +121,8 @@ def build_report(run_path, calib_run=None, *, n_budgets: int = 50, unit: str = "
     if calib_run is not None:
         calibrated = []
         for policy in policies:
-            for target in exits.TARGETS if policy != "oracle" else ["best-accuracy"]:
+            oracle = exits.POLICIES[policy].confidence_lens is None
+            for target in exits.TARGETS if not oracle else ["best-accuracy"]:
                 calibrated.append(exits.calibrate(calib_run, run, policy, target, answer_lens, min_layer,
                                                   per_layer=per_layer, epsilon=epsilon, max_drop=max_drop,
                                                   map_cost=map_cost))
@@ -138,13 +137,7 @@ def format_report(report: dict, max_rows: int = 8) -> str:
     """The report's tables as text."""
     lines = [f"run {report['run']}: {report['model']} on {report['task']}, {report['n_examples']} examples, "
              f"final accuracy {report['final_accuracy']:.3f}", ""]
-    per_layer = report["per_layer"]
-    names = [n for n in report["lenses"] if n in per_layer]
-    lines.append(f"{'layer':>5} " + " ".join(f"{n[:21]:>21}" for n in names))
-    lines.append(f"{'':>5} " + " ".join(f"{'acc':>10} {'fid':>10}" for _ in names))
-    for i, layer in enumerate(per_layer[names[0]]["layer"]):
-        lines.append(f"{layer:>5} " + " ".join(
-            f"{per_layer[n]['accuracy'][i]:>10.3f} {per_layer[n]['fidelity'][i]:>10.3f}" for n in names))
+    lines.append(metrics.format_per_layer(report["per_layer"], report["lenses"]))
     gains = report["iso_compute"]["gains"]
     lines.append("")
     if "simlens_vs_logit" in gains:
@@ -173,36 +166,3 @@ def format_report(report: dict, max_rows: int = 8) -> str:
         for result in report["calibrated"]:
             lines.append(exits.format_calibration(result))
     return "\n".join(lines)
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser("report", help="print a run's tables and write RUN/report.json")
-    p.add_argument("run", help="a complete run folder")
-    p.add_argument("--calib", help="a calibration run (disjoint examples) to add calibrated exit thresholds")
-    p.add_argument("--answer-lens", default="simlens", choices=exits.ANSWER_LENSES)
-    p.add_argument("--min-layer", type=int, default=0, help="no exit before this readout point")
-    p.add_argument("--per-layer", action="store_true", help="calibrate one threshold per layer")
-    p.add_argument("--epsilon", type=float, default=0.01, help="fidelity target 1 - epsilon (default 0.01)")
-    p.add_argument("--max-drop", type=float, default=0.01, help="accuracy drop allowed by the max-drop target (default 0.01)")
-    p.add_argument("--n-budgets", type=int, default=50, help="budgets in the Iso-Compute grid (default 50)")
-    p.add_argument("--flops", action="store_true", help="Iso-Compute in FLOPs (loads the model's config)")
-    p.set_defaults(handler=cmd_report)
-    exits.add_cli(sub)
-
-
-def cmd_report(args) -> int:
-    dims = None
-    unit = "layer-token"
-    if args.flops:
-        from lensbench.models import load_model
-
-        spec = open_run(args.run).manifest["model"]["spec"]
-        model, _ = load_model(spec, "cpu", "float32")
-        dims = compute.ModelDims.from_cfg(model.cfg)
-        unit = "flop"
-    report = build_report(args.run, args.calib, n_budgets=args.n_budgets, unit=unit, dims=dims,
-                          answer_lens=args.answer_lens, min_layer=args.min_layer, epsilon=args.epsilon,
-                          max_drop=args.max_drop, per_layer=args.per_layer)
-    print(format_report(report))
-    print(f"\nwritten: {Path(args.run) / REPORT_FILE}")
-    return 0

@@ -17,6 +17,7 @@ leaves a half-written file, and a finished batch is never lost.
 from __future__ import annotations
 
 import json
+import platform
 import os
 import time
 from dataclasses import dataclass
@@ -125,6 +126,11 @@ def open_run(path: str | Path) -> Run:
     return Run(path, manifest)
 
 
+def as_run(run) -> Run:
+    """A `Run` from a run folder or a `Run`."""
+    return run if isinstance(run, Run) else open_run(run)
+
+
 def list_runs(root: str | Path) -> list[Run | tuple[Path, str]]:
     """Runs under `root` (recursively, one level of nesting); unreadable ones as (path, error)."""
     root = Path(root)
@@ -137,3 +143,18 @@ def list_runs(root: str | Path) -> list[Run | tuple[Path, str]]:
         except LensbenchError as exc:
             found.append((manifest.parent, str(exc)))
     return found
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+
+    import torch
+
+    import lensbench
+
+    return {
+        "lensbench": lensbench.__version__,
+        "transformer_lens": version("transformer-lens"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }

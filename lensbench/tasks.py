@@ -303,3 +303,9 @@ def describe_tasks() -> str:
     for info in TASKS.values():
         lines.append(f"{info.name:<15} {','.join(info.splits):<22} {info.shots:>5}  {info.description}")
     return "\n".join(lines)
+
+
+def make_batches(encoded: list[EncodedExample], batch_size: int) -> list[list[EncodedExample]]:
+    """Length-sorted (longest first, so memory trouble shows at once) batches, deterministic."""
+    ordered = sorted(encoded, key=lambda e: (-len(e.tokens), e.index))
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]

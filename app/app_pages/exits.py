@@ -25,7 +25,7 @@ min_layer = int(c3.number_input("First layer checked", 0, n_layers, 0, key="exit
 try:
     prepared = data.exit_data(path, stamp, policy, answer_lens, min_layer)
 except LensbenchError as exc:
-    needed = exits.CONFIDENCE_LENS.get(policy)
+    needed = exits.POLICIES[policy].confidence_lens if policy in exits.POLICIES else None
     hint = (" Fit a Linear SimLens and evaluate with `--lenses ...,linear-simlens --linear DIR`."
             if needed == "linear-simlens" else "")
     st.warning(f"The policy '{policy}' cannot run on `{run.name}`: {exc}.{hint}")

@@ -6,7 +6,7 @@ import streamlit as st
 
 from app import data, ui
 from lensbench import plotting
-from lensbench.compute import lens_method
+from lensbench.lenses import lens_cost
 from lensbench.errors import LensbenchError
 
 st.title("Runs")
@@ -51,7 +51,7 @@ for r in selected:
     costed = []
     for lens in lenses:
         try:
-            lens_method(lens)
+            lens_cost(lens)
             costed.append(lens)
         except LensbenchError:
             pass

@@ -1,34 +1,46 @@
-"""Lenses: logit lens, SimLens and its ablations, Linear SimLens (see `build_lenses`)."""
+"""Lenses: every module of this package that registers a `Lens` (`@register`) is loaded here,
+so adding a lens is adding its module (docs/architecture.md). `build_lenses` turns the run's
+`--lenses` and `--ablations` into lens objects; `lens_cost` tells compute accounting how a
+stored lens is charged.
+"""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from lensbench.errors import LensbenchError
-from lensbench.lenses.base import Lens, LensBatch, LensOutput, LogitLens, RunContext
-from lensbench.lenses.simlens import Ablation, SimLens, SlotSource, parse_ablation, parse_ablations
+from lensbench.lenses.ablation import Ablation, SlotSource, parse_ablation, parse_ablations
+from lensbench.lenses.base import LENSES, Lens, LensBatch, LensOptions, LensOutput, RunContext, lens_class, lens_cost, register
 
-LENS_NAMES = ("logit", "simlens", "linear-simlens", "tuned")
+from lensbench.lenses.logit import LogitLens
+from lensbench.lenses.simlens import SimLens
+from lensbench.lenses import linear  # noqa: F401 - registers linear-simlens and tuned
+
+# Every other module of the package that registers a lens (after the built-in ones, which keep
+# their order in help texts and errors). Modules that hold no lens of their own are skipped.
+_NOT_LENSES = {"base", "ablation", "fit"}
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in _NOT_LENSES:
+        importlib.import_module(f"{__name__}.{_module.name}")  # an import error is an error, never a missing lens
+
+LENS_NAMES = tuple(LENSES)
 
 
-def build_lenses(names: str | list[str], ablations: str = "", positions: str = "consecutive", linear_dirs: list[str] | None = None) -> list[Lens]:
+def build_lenses(names: str | list[str], ablations: str = "", positions: str = "consecutive",
+                 linear_dirs: list[str] | None = None) -> list[Lens]:
     """Lenses from CLI-style names; each ablation adds a `simlens[...]` lens."""
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     if not names:
-        raise LensbenchError("no lenses given (expected a comma-separated list of " + ", ".join(LENS_NAMES) + ")")
+        raise LensbenchError("no lenses given (expected a comma-separated list of " + ", ".join(LENSES) + ")")
+    options = LensOptions(positions=positions, linear=list(linear_dirs or []))
     lenses: list[Lens] = []
     for name in names:
-        if name == "logit":
-            lenses.append(LogitLens())
-        elif name == "simlens":
-            lenses.append(SimLens(Ablation(), positions))
-        elif name in ("linear-simlens", "tuned"):
-            from lensbench.lenses.linear import load_linear_lenses
-
-            lenses.extend(load_linear_lenses(linear_dirs or [], kind=name))
-        else:
-            raise LensbenchError(f"unknown lens '{name}' (expected one of {', '.join(LENS_NAMES)})")
-    for ablation in parse_ablations(ablations):
-        lenses.append(SimLens(ablation, positions))
+        if name not in LENSES:
+            raise LensbenchError(f"unknown lens '{name}' (expected one of {', '.join(LENSES)})")
+        lenses.extend(LENSES[name].build(options))
+    lenses.extend(SimLens.ablations(ablations, positions))
     seen = set()
     for lens in lenses:
         if lens.name in seen:
@@ -38,6 +50,6 @@ def build_lenses(names: str | list[str], ablations: str = "", positions: str = "
 
 
 __all__ = [
-    "Ablation", "Lens", "LensBatch", "LensOutput", "LogitLens", "RunContext", "SimLens", "SlotSource",
-    "build_lenses", "parse_ablation", "parse_ablations", "LENS_NAMES",
+    "Ablation", "LENSES", "LENS_NAMES", "Lens", "LensBatch", "LensOptions", "LensOutput", "LogitLens", "RunContext",
+    "SimLens", "SlotSource", "build_lenses", "lens_class", "lens_cost", "parse_ablation", "parse_ablations", "register",
 ]

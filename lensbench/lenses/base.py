@@ -1,20 +1,29 @@
-"""The lens abstraction.
+"""The lens abstraction and the lens registry.
 
 A lens maps the slot residuals of a batch (see `readout.SlotResiduals`) to one residual per
 readout point and example, in the space of the final layer; every lens then shares the same
-readout, `W_U · LN_final(·)`. The runner knows nothing else about lenses: a new lens is a
-subclass with a `name` and `final_residuals`, registered in `lensbench.lenses.build_lenses`.
+readout, `W_U · LN_final(·)`. The runner, compute accounting, reports and the app know nothing
+else about lenses: a new lens is a `Lens` subclass decorated with `@register` in a module of
+`lensbench/lenses/` (docs/architecture.md shows one), with
+
+- `kind`: the name `--lenses` takes (and the stored lens name, or its prefix before `[`);
+- `build(options)`: the lenses of that kind for a run (`LensOptions`: the run's options);
+- `cost_method`, `linear_maps`: how compute accounting charges a readout (`lens_cost`);
+- `final_residuals`, and optionally `prepare`, `extra_positions`, `donors`, `donor_column`,
+  `check_model`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Callable, ClassVar
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from lensbench.errors import LensbenchError
 from lensbench.readout import ReadoutPoint, SlotResiduals, collect_slots, pad_right
 
 
@@ -46,7 +55,11 @@ class LensOutput:
 
 @dataclass
 class RunContext:
-    """Run-wide state a lens may need once: the model, readout points, and the examples."""
+    """Run-wide state a lens may need once: the model, readout points, and the examples.
+
+    `shared(key, make)` keeps run-wide objects that several lenses share (the continuation's
+    CUDA graphs, the data-set slot means), made on first use: the context itself knows no lens.
+    """
 
     model: object
     points: list[ReadoutPoint]
@@ -54,42 +67,53 @@ class RunContext:
     pad_id: int
     batch_size: int = 8
     mean_examples: int = 256
-    cuda_graphs: bool = False  # replay SimLens continuations from CUDA graphs (one CUDA device only)
-    _means: tuple | None = field(default=None, repr=False)
-    _graphs: object = field(default=None, repr=False)
+    cuda_graphs: bool = False  # replay continuations from CUDA graphs (one CUDA device only)
+    _shared: dict = field(default_factory=dict, repr=False)
 
-    def continuation_graphs(self):
-        """The run's shared `ContinuationGraphs`, or None when graphs are off or unusable."""
-        if not self.cuda_graphs:
-            return None
-        if self._graphs is None:
-            from lensbench.lenses.simlens import ContinuationGraphs
-
-            self._graphs = ContinuationGraphs(self.model)
-        return self._graphs if self._graphs.enabled else None
+    def shared(self, key: str, make: Callable[[], object]):
+        if key not in self._shared:
+            self._shared[key] = make()
+        return self._shared[key]
 
     def slot_means(self) -> tuple[Float[Tensor, "point d_model"], Float[Tensor, "point d_model"]]:
         """Data-set means of `[s]` and `[a]` at every point, over the first `mean_examples` examples."""
-        if self._means is None:
-            chosen = [self.examples[i] for i in sorted(self.examples)[: self.mean_examples]]
-            s_sum = a_sum = None
-            device = self.model.cfg.device
-            for start in range(0, len(chosen), self.batch_size):
-                chunk = chosen[start : start + self.batch_size]
-                tokens, lengths = pad_right([e.tokens for e in chunk], self.pad_id, device)
-                slots = collect_slots(self.model, tokens, lengths, self.points)
-                s_part, a_part = slots.s.double().sum(1), slots.a.double().sum(1)
-                s_sum = s_part if s_sum is None else s_sum + s_part
-                a_sum = a_part if a_sum is None else a_sum + a_part
-            dtype = self.model.cfg.dtype
-            self._means = ((s_sum / len(chosen)).to(dtype), (a_sum / len(chosen)).to(dtype))
-        return self._means
+        return self.shared("slot_means", self._slot_means)
+
+    def _slot_means(self):
+        chosen = [self.examples[i] for i in sorted(self.examples)[: self.mean_examples]]
+        s_sum = a_sum = None
+        device = self.model.cfg.device
+        for start in range(0, len(chosen), self.batch_size):
+            chunk = chosen[start : start + self.batch_size]
+            tokens, lengths = pad_right([e.tokens for e in chunk], self.pad_id, device)
+            slots = collect_slots(self.model, tokens, lengths, self.points)
+            s_part, a_part = slots.s.double().sum(1), slots.a.double().sum(1)
+            s_sum = s_part if s_sum is None else s_sum + s_part
+            a_sum = a_part if a_sum is None else a_sum + a_part
+        dtype = self.model.cfg.dtype
+        return (s_sum / len(chosen)).to(dtype), (a_sum / len(chosen)).to(dtype)
+
+
+@dataclass
+class LensOptions:
+    """The run options a lens may be built from (`Lens.build`)."""
+
+    positions: str = "consecutive"  # SimLens continuation positions
+    linear: list[str] = field(default_factory=list)  # fitted-lens folders (`--linear`)
 
 
 class Lens(ABC):
     """Maps slot residuals to final-layer residuals at every readout point."""
 
+    kind: ClassVar[str] = ""  # the `--lenses` name; registered lenses only
+    cost_method: ClassVar[str] = "logit"  # charged as a logit readout ("logit") or a continuation ("simlens")
+    linear_maps: ClassVar[int] = 0  # affine maps applied per readout below the final layer
     name: str
+
+    @classmethod
+    def build(cls, options: LensOptions) -> list["Lens"]:
+        """The lenses of this kind for a run; by default one, built without arguments."""
+        return [cls()]
 
     def prepare(self, ctx: RunContext) -> None:
         """Run-wide set-up (token residuals, data-set means); called once before batches."""
@@ -102,15 +126,40 @@ class Lens(ABC):
         """Data-set indices of other examples whose residuals this lens reads."""
         return []
 
+    def donor_column(self, example_indices: list[int]) -> list[int]:
+        """The stored `donor_index` of each example's rows (-1: no donor)."""
+        return [-1] * len(example_indices)
+
+    def check_model(self, model, model_info=None) -> None:
+        """Refuse a model this lens cannot read (e.g. one it was not fitted for)."""
+
     @abstractmethod
     def final_residuals(self, batch: LensBatch) -> LensOutput:
         """One final-layer residual per (readout point, primary example)."""
 
 
-class LogitLens(Lens):
-    """The direct linear readout: `W_U · LN_final(h_l[T-1])`."""
+# --- the registry -------------------------------------------------------------------------------
 
-    name = "logit"
+LENSES: dict[str, type[Lens]] = {}
 
-    def final_residuals(self, batch: LensBatch) -> LensOutput:
-        return LensOutput(batch.slots.a[:, : batch.n_primary])
+
+def register(cls: type[Lens]) -> type[Lens]:
+    """Class decorator: make a lens available to `--lenses` under its `kind`."""
+    if not cls.kind:
+        raise TypeError(f"{cls.__name__} needs a `kind` to be registered")
+    LENSES[cls.kind] = cls
+    return cls
+
+
+def lens_class(name: str) -> type[Lens]:
+    """The registered class of a stored lens name (`simlens[drop-s]` -> SimLens)."""
+    kind = name.split("[", 1)[0]
+    if kind not in LENSES:
+        raise LensbenchError(f"unknown lens '{name}' (registered: {', '.join(LENSES)})")
+    return LENSES[kind]
+
+
+def lens_cost(name: str) -> tuple[str, int]:
+    """How a stored lens is charged: (method, maps per readout below the final layer)."""
+    cls = lens_class(name)
+    return cls.cost_method, cls.linear_maps

@@ -190,11 +190,11 @@ def test_sigterm_then_resume_gives_the_uninterrupted_files(tmp_path, embedded):
 
 
 def test_keyboard_interrupt_in_process_keeps_finished_batches(tmp_path, embedded, monkeypatch):
-    import lensbench.runner as runner
+    import lensbench.evaluate as evaluate
 
     model, info = embedded
     cfg = EvalConfig(out=str(tmp_path / "r"), task="capitals", limit=8, batch_size=2)
-    real = runner.evaluate_batch
+    real = evaluate.evaluate_batch
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -203,11 +203,11 @@ def test_keyboard_interrupt_in_process_keeps_finished_batches(tmp_path, embedded
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "evaluate_batch", flaky)
+    monkeypatch.setattr(evaluate, "evaluate_batch", flaky)
     with pytest.raises(KeyboardInterrupt):
         run_eval(cfg, model, info, progress=False)
     assert len(list((tmp_path / "r" / "parts").glob("part-*.parquet"))) == 2
-    monkeypatch.setattr(runner, "evaluate_batch", real)
+    monkeypatch.setattr(evaluate, "evaluate_batch", real)
     run_eval(cfg, model, info, progress=False)
     preds = open_run(tmp_path / "r").predictions()
     assert sorted(preds["example_index"].unique()) == list(range(8))

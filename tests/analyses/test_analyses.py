@@ -196,10 +196,10 @@ def _chromium_available() -> bool:
 @pytest.mark.browser
 @pytest.mark.skipif(not _chromium_available(), reason="static export needs Chromium: bash scripts/setup-browser.sh")
 def test_every_script_writes_valid_png_and_html(small_run, tmp_path):
-    from lensbench import plotting
+    from lensbench import figure_files
 
     before = snapshot(small_run)
-    with plotting.static_export():
+    with figure_files.static_export():
         for script, stems in FIGURES.items():
             written = run_script(script, [small_run], tmp_path, "png,html")
             for stem in stems:

@@ -226,7 +226,7 @@ def test_per_layer_calibration_is_precision_calibrated(calib_and_test):
 def tiny_exit_run(tmp_path_factory, tiny_rotary):
     """A Linear SimLens fitted on capitals@calib and a run of capitals@test with the logit
     lens, SimLens and Linear SimLens, all on the tiny rotary model."""
-    from lensbench.lenses.linear import FitConfig, fit_from_config
+    from lensbench.lenses.fit import FitConfig, fit_from_config
     from lensbench.runner import EvalConfig, run_eval
 
     root = tmp_path_factory.mktemp("exits")
@@ -343,7 +343,7 @@ def test_cuda_graphs_are_refused_off_cuda(tiny_exit_run, tiny_rotary):
 def test_cuda_graph_executor_decides_as_the_eager_one(tiny_exit_run, tiny_rotary):
     import copy
 
-    from lensbench.lenses.simlens import GraphedContinuation, continue_slots
+    from lensbench.continuation import GraphedContinuation, continue_slots
     from lensbench.readout import ReadoutPoint
 
     run_path, lens = tiny_exit_run

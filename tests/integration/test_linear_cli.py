@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from lensbench.cli import main
+from lensbench.commands import main
 from lensbench.store import open_run
 
 MODEL = "random:tiny-rotary:1"

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lensbench.lenses import LensBatch, RunContext, SimLens
-from lensbench.lenses.simlens import Ablation, SlotSource, parse_ablation, simlens_logits_naive
+from lensbench.continuation import simlens_logits_naive
+from lensbench.lenses.ablation import Ablation, SlotSource, parse_ablation
 from lensbench.readout import collect_slots, pad_right, readout_points, unembed
 from lensbench.tasks import encode_examples, load_task, start_token_id
 
@@ -160,7 +161,8 @@ def test_cuda_graph_sweep_equals_the_eager_one(tiny_rotary):
     import copy
 
     from lensbench.lenses import build_lenses
-    from lensbench.runner import evaluate_batch, make_batches
+    from lensbench.evaluate import evaluate_batch
+    from lensbench.tasks import make_batches
 
     model = copy.deepcopy(tiny_rotary).to("cuda")
     examples = load_task("capitals")[:7]
@@ -187,7 +189,8 @@ def test_shared_lenses_store_what_per_example_computation_stores(tiny_rotary, mo
     """A lens whose input is the same for every example is computed once per point; the stored
     columns equal those of computing it for each example."""
     from lensbench.lenses import build_lenses
-    from lensbench.runner import evaluate_batch, make_batches
+    from lensbench.evaluate import evaluate_batch
+    from lensbench.tasks import make_batches
 
     examples = load_task("capitals")[:6]
     start = start_token_id(tiny_rotary.tokenizer)

@@ -4,7 +4,7 @@ import pytest
 
 from lensbench.errors import LensbenchError
 from lensbench.lenses import build_lenses, parse_ablations
-from lensbench.lenses.simlens import Ablation, SlotSource
+from lensbench.lenses.ablation import Ablation, SlotSource
 
 
 def test_aliases_and_labels():

@@ -8,8 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lensbench import runner
-from lensbench.runner import BatchResult, BatchSizer, EvalConfig, evaluate_with_backoff, is_out_of_memory, make_batches
+from lensbench import evaluate, runner
+from lensbench.evaluate import BatchResult, BatchSizer, evaluate_with_backoff, is_out_of_memory
+from lensbench.runner import EvalConfig
+from lensbench.tasks import make_batches
 from lensbench.tasks import EncodedExample
 
 
@@ -59,7 +61,7 @@ def test_sizer_halves_then_grows_back_for_shorter_prompts():
 @pytest.mark.parametrize("max_rows", [1, 3, 5])
 def test_backoff_loses_and_repeats_nothing(monkeypatch, max_rows):
     calls: list = []
-    monkeypatch.setattr(runner, "evaluate_batch", _fake_oom_evaluate(max_rows, calls))
+    monkeypatch.setattr(evaluate, "evaluate_batch", _fake_oom_evaluate(max_rows, calls))
     encoded = _examples([30, 28, 28, 20, 12, 12, 11, 9, 5, 3, 2, 1])
     sizer = BatchSizer(12)
     seen = []
@@ -72,7 +74,7 @@ def test_backoff_loses_and_repeats_nothing(monkeypatch, max_rows):
 
 
 def test_backoff_gives_up_on_a_single_example(monkeypatch):
-    monkeypatch.setattr(runner, "evaluate_batch", _fake_oom_evaluate(0, []))
+    monkeypatch.setattr(evaluate, "evaluate_batch", _fake_oom_evaluate(0, []))
     with pytest.raises(torch.OutOfMemoryError):
         evaluate_with_backoff(None, [], None, _examples([4, 3]), BatchSizer(2))
 
@@ -84,7 +86,7 @@ def test_other_errors_are_not_retried(monkeypatch):
         calls.append(1)
         raise RuntimeError("shape mismatch")
 
-    monkeypatch.setattr(runner, "evaluate_batch", broken)
+    monkeypatch.setattr(evaluate, "evaluate_batch", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         evaluate_with_backoff(None, [], None, _examples([4, 3]), BatchSizer(2))
     assert calls == [1]
@@ -99,7 +101,7 @@ def test_auto_batch_size_with_simulated_oom_matches_plain_run(tmp_path, monkeypa
     """A run whose batches 'run out of memory' above 2 examples stores the same predictions."""
     common = dict(model="random:tiny-rotary:1", task="capitals", lenses="logit,simlens", ablations="drop-s,a=swap", limit=9)
     plain = runner.run_eval(EvalConfig(out=str(tmp_path / "plain"), batch_size=4, **common), model=tiny_rotary, progress=False)
-    real = runner.evaluate_batch
+    real = evaluate.evaluate_batch
     calls = []
 
     def flaky(model, lenses, ctx, batch, topk=5, entropy="candidates"):
@@ -108,7 +110,7 @@ def test_auto_batch_size_with_simulated_oom_matches_plain_run(tmp_path, monkeypa
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(model, lenses, ctx, batch, topk, entropy)
 
-    monkeypatch.setattr(runner, "evaluate_batch", flaky)
+    monkeypatch.setattr(evaluate, "evaluate_batch", flaky)
     auto = runner.run_eval(EvalConfig(out=str(tmp_path / "auto"), batch_size="auto", max_batch_size=4, **common),
                            model=tiny_rotary, progress=False)
     assert max(calls) == 4 and 2 in calls

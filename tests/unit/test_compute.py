@@ -8,14 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lensbench.compute import (
-    DEFAULT_MAP_COST,
-    ModelDims,
-    flop_cost,
-    iso_compute_curve,
-    iso_compute_gain,
-    layer_token_cost,
-)
+from lensbench.compute import iso_compute_curve, iso_compute_gain
+from lensbench.costs import DEFAULT_MAP_COST, ModelDims, flop_cost, layer_token_cost
 from lensbench.errors import LensbenchError
 
 

@@ -10,17 +10,8 @@ import torch
 
 from lensbench.errors import LensbenchError
 from lensbench.lenses.base import LensBatch
-from lensbench.lenses.linear import (
-    FitConfig,
-    LinearLens,
-    LinearLensConfig,
-    _Readout,
-    _kl,
-    fit_affine,
-    load_linear_lenses,
-    lstsq_affine,
-    unembed_fingerprint,
-)
+from lensbench.lenses.fit import FitConfig, _kl, _Readout, fit_affine, lstsq_affine
+from lensbench.lenses.linear import LinearLens, LinearLensConfig, load_linear_lenses, unembed_fingerprint
 from lensbench.readout import ReadoutPoint, SlotResiduals
 
 

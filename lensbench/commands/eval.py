@@ -1,0 +1,82 @@
+"""`lensbench eval`: evaluate lenses at every readout point and store a run (`runner.run_eval`)."""
+
+from __future__ import annotations
+
+import sys
+
+from lensbench import distributed
+from lensbench.commands.options import (
+    add_cuda_graphs_arg, add_model_args, add_positions_arg, add_site_arg, batch_size, config_from_args, positive_int,
+)
+from lensbench.errors import LensbenchError
+from lensbench.lenses import LENS_NAMES
+from lensbench.metrics import format_table
+from lensbench.runner import ENTROPY_MODES, EvalConfig, run_eval
+from lensbench.store import open_run
+
+NAME = "eval"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(NAME, help="evaluate lenses at every readout point and store a run")
+    add_model_args(p)
+    p.add_argument("--task", default="capitals", help="task name[:split][@calib|@test] or a JSONL file (see `lensbench tasks`)")
+    p.add_argument("--lenses", default="logit", help="comma-separated: " + ", ".join(LENS_NAMES))
+    p.add_argument("--ablations", default="", help='SimLens slot ablations, e.g. drop-s,drop-a,a=swap,s=token:" the" (docs/lenses.md)')
+    p.add_argument("--linear", action="append", default=[], help="folder of a fitted linear-simlens / tuned lens (repeatable)")
+    p.add_argument("--out", required=True, help="run folder to write (resumed if it holds the same unfinished run)")
+    p.add_argument("--limit", type=positive_int, help="first N examples only")
+    p.add_argument("--batch-size", type=batch_size, default=8,
+                   help="examples per batch, or auto: the largest that fits, up to --max-batch-size (default 8)")
+    p.add_argument("--max-batch-size", type=positive_int, default=64, help="batch size planned by --batch-size auto (default 64)")
+    p.add_argument("--num-processes", type=positive_int, default=1,
+                   help="shard the examples across N local processes (one per GPU with --device cuda); "
+                        "`accelerate launch -m lensbench eval ...` does the same across nodes")
+    p.add_argument("--n-devices", type=positive_int, default=1, help="split one model's blocks across N GPUs (TransformerLens)")
+    add_cuda_graphs_arg(p)
+    p.add_argument("--start-token", help="text of the start token [s] (default: BOS, else EOS)")
+    add_positions_arg(p, "SimLens continuation positions: (0, 1) or the original (0, T-1)")
+    add_site_arg(p, "readout at hook_resid_pre (default) or hook_resid_mid")
+    p.add_argument("--topk", type=positive_int, default=5, help="vocabulary top-k stored per readout (default 5)")
+    p.add_argument("--entropy", default="candidates", choices=ENTROPY_MODES, help="entropy over the candidates (default) or the vocabulary")
+    p.add_argument("--mean-examples", type=positive_int, default=256, help="examples averaged for the `mean` slot source")
+    p.add_argument("--skip-invalid", action="store_true", help="skip (and report) examples whose candidates are not single tokens")
+    p.add_argument("--overwrite", action="store_true", help="replace a different run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """`argv` less `--name VALUE` / `--name=VALUE`."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            kept.append(arg)
+    return kept
+
+
+def run(args) -> int:
+    if args.num_processes > 1:
+        if distributed.launched_world() > 1:
+            raise LensbenchError("--num-processes inside a launched process group: use one or the other")
+        if args.n_devices > 1:
+            raise LensbenchError("--num-processes and --n-devices cannot be combined")
+        return distributed.launch_local(["eval", *_without_option(args.argv, "--num-processes")], args.num_processes)
+    dist = distributed.init(args.device)
+    cfg = config_from_args(EvalConfig, args, device=distributed.rank_device(args.device, dist))
+    try:
+        out = run_eval(cfg, progress=not args.quiet, dist=dist)
+    except KeyboardInterrupt:
+        print(f"lensbench: interrupted; finished batches are kept in {args.out}. Run the same command to resume.", file=sys.stderr)
+        return 130
+    if not dist.is_main:
+        return 0
+    summary = open_run(out).summary()
+    print(format_table(summary))
+    if summary.get("skipped"):
+        print(f"skipped {len(summary['skipped'])} invalid example(s); see manifest.json")
+    print(f"results: {out}")
+    return 0

@@ -1,0 +1,42 @@
+"""`lensbench report RUN`: print a run's tables and write `RUN/report.json` (`lensbench.report`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lensbench import exits
+from lensbench.costs import ModelDims
+from lensbench.models import load_model
+from lensbench.report import REPORT_FILE, build_report, format_report
+from lensbench.store import open_run
+
+NAME = "report"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(NAME, help="print a run's tables and write RUN/report.json")
+    p.add_argument("run", help="a complete run folder")
+    p.add_argument("--calib", help="a calibration run (disjoint examples) to add calibrated exit thresholds")
+    p.add_argument("--answer-lens", default="simlens", choices=exits.ANSWER_LENSES)
+    p.add_argument("--min-layer", type=int, default=0, help="no exit before this readout point")
+    p.add_argument("--per-layer", action="store_true", help="calibrate one threshold per layer")
+    p.add_argument("--epsilon", type=float, default=0.01, help="fidelity target 1 - epsilon (default 0.01)")
+    p.add_argument("--max-drop", type=float, default=0.01, help="accuracy drop allowed by the max-drop target (default 0.01)")
+    p.add_argument("--n-budgets", type=int, default=50, help="budgets in the Iso-Compute grid (default 50)")
+    p.add_argument("--flops", action="store_true", help="Iso-Compute in FLOPs (loads the model's config)")
+
+
+def run(args) -> int:
+    dims = None
+    unit = "layer-token"
+    if args.flops:
+        spec = open_run(args.run).manifest["model"]["spec"]
+        model, _ = load_model(spec, "cpu", "float32")
+        dims = ModelDims.from_cfg(model.cfg)
+        unit = "flop"
+    report = build_report(args.run, args.calib, n_budgets=args.n_budgets, unit=unit, dims=dims,
+                          answer_lens=args.answer_lens, min_layer=args.min_layer, epsilon=args.epsilon,
+                          max_drop=args.max_drop, per_layer=args.per_layer)
+    print(format_report(report))
+    print(f"\nwritten: {Path(args.run) / REPORT_FILE}")
+    return 0

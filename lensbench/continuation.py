@@ -1,0 +1,293 @@
+"""The SimLens continuation engine: short sequences of slot residuals continued through the
+upper blocks of a `HookedTransformer`, in formulations that must agree:
+
+- the reference, as TransformerLens hook functions: a forward pass over the two tokens
+  `[x_0, x_{T-1}]` with a hook on the readout point's hook that writes the slot residuals
+  (`simlens_logits_hooked`), and the equivalent `model(z, start_at_layer=l)` loop
+  (`simlens_logits_naive`);
+- a fast path for evaluation (`continue_slots`): the `[s]`/`[a]` pairs of every readout point
+  of a batch run through the upper blocks together, each block once over all pairs that
+  still need it, optionally replayed from CUDA graphs (`ContinuationGraphs`; per block for
+  the SimExit executor: `GraphedContinuation`).
+
+It knows nothing of lenses: `lensbench.lenses.simlens` and the exit executor build on it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from lensbench.errors import LensbenchError
+from lensbench.readout import (
+    ReadoutPoint,
+    block_device,
+    ensure_rotary_length,
+    point_hooks,
+    rotary_positions,
+    unembed,
+)
+
+
+# --- the reference: TransformerLens hooks ---------------------------------------------------
+
+
+def replace_residual_hook(z: Float[Tensor, "batch slot d_model"]):
+    """A hook function that replaces a residual activation by `z` (the SimLens input)."""
+
+    def hook(activation, hook):
+        return z.to(device=activation.device, dtype=activation.dtype)
+
+    return hook
+
+
+def simlens_logits_hooked(
+    model,
+    z: Float[Tensor, "batch slot d_model"],
+    point: ReadoutPoint,
+    tokens: Int[Tensor, "batch slot"] | None = None,
+    position_ids: Int[Tensor, "batch slot"] | None = None,
+) -> Float[Tensor, "batch d_vocab"]:
+    """SimLens at `point`, the reference way: run the slot tokens with a hook at
+    `point.hook_name` that writes `z`, and read out the last slot."""
+    if tokens is None:  # the tokens are overwritten at the hook; only their count matters
+        tokens = torch.zeros(z.shape[:2], dtype=torch.long, device=z.device)
+    with torch.inference_mode(), rotary_positions(model, position_ids):
+        logits = model.run_with_hooks(tokens, fwd_hooks=[(point.hook_name, replace_residual_hook(z))])
+    return logits[:, -1].float()
+
+
+def simlens_logits_naive(
+    model, z: Float[Tensor, "batch slot d_model"], point: ReadoutPoint
+) -> Float[Tensor, "batch d_vocab"]:
+    """SimLens at a `pre` point as `model(z, start_at_layer=l)` (consecutive positions)."""
+    if point.site != "pre":
+        raise LensbenchError("the start_at_layer formulation only covers resid_pre points")
+    with torch.inference_mode():
+        if point.is_final:
+            return unembed(model, z[:, -1])
+        return model(z, start_at_layer=point.layer)[:, -1].float()
+
+
+# --- the fast path --------------------------------------------------------------------------
+
+
+def _mlp_half(model, k: int, z: Float[Tensor, "n slot d_model"]) -> Float[Tensor, "n slot d_model"]:
+    """Finish block k from its `hook_resid_mid` (attention is computed on `z` and discarded)."""
+    with point_hooks(model, [(f"blocks.{k}.hook_resid_mid", replace_residual_hook(z))]):
+        return model.blocks[k](z)
+
+
+@dataclass(frozen=True)
+class ContinuationPlan:
+    """Where every sequence of a `continue_slots` call joins the running batch, built on the
+    host: rows are laid out in joining order, so the block loop never synchronises."""
+
+    n_layers: int
+    final_rows: tuple[int, ...]
+    order: tuple[int, ...]
+    bounds: tuple[tuple[int, int, int], ...]  # per block: (pre start, rows running block k, mid end)
+
+    @classmethod
+    def of(cls, starts: list[ReadoutPoint], n_layers: int) -> "ContinuationPlan":
+        final_rows: list[int] = []
+        joining_pre: dict[int, list[int]] = {}
+        joining_mid: dict[int, list[int]] = {}
+        for i, point in enumerate(starts):
+            if point.is_final:
+                final_rows.append(i)
+            elif point.site == "mid":
+                joining_mid.setdefault(point.layer, []).append(i)
+            else:
+                joining_pre.setdefault(point.layer, []).append(i)
+        order: list[int] = []
+        bounds = []
+        for k in range(n_layers):
+            pre_start = len(order)
+            order += joining_pre.get(k, [])
+            running = len(order)
+            order += joining_mid.get(k, [])
+            bounds.append((pre_start, running, len(order)))
+        return cls(n_layers, tuple(final_rows), tuple(order), tuple(bounds))
+
+
+def continue_slots(
+    model,
+    z: Float[Tensor, "n slot d_model"],
+    starts: list[ReadoutPoint],
+    position_ids: Int[Tensor, "n slot"] | None = None,
+    capture_attention: bool = False,
+    graphs: "ContinuationGraphs | None" = None,
+) -> tuple[Float[Tensor, "n d_model"], Float[Tensor, "n block head"] | None]:
+    """Continue each short sequence `z[i]` from readout point `starts[i]` to the last block.
+
+    Sequences join the running batch at their start block, so block k runs once over every
+    sequence that needs it. Returns the final residual at the last slot, and optionally the
+    attention the last slot pays to the first in every block (NaN where not run).
+    With `graphs` (consecutive positions on one CUDA device) the whole loop is replayed from
+    a CUDA graph captured once per shape (`ContinuationGraphs`).
+    """
+    plan = ContinuationPlan.of(starts, model.cfg.n_layers)
+    if graphs is not None and position_ids is None and graphs.enabled:
+        result = graphs.run(z, plan, capture_attention)
+        if result is not None:
+            return result
+    return _execute_plan(model, z, plan, *_plan_indices(plan, z.device), position_ids, capture_attention)
+
+
+def _plan_indices(plan: ContinuationPlan, device) -> tuple[Tensor | None, Tensor | None]:
+    final_t = torch.tensor(plan.final_rows, dtype=torch.long).to(device) if plan.final_rows else None
+    order_t = torch.tensor(plan.order, dtype=torch.long).to(device) if plan.order else None
+    return final_t, order_t
+
+
+def _execute_plan(model, z, plan: ContinuationPlan, final_t, order_t, position_ids=None, capture_attention=False):
+    """The block loop of `continue_slots`: device work only, so it can be captured in a graph."""
+    n, n_slots, _ = z.shape
+    n_layers = plan.n_layers
+    attention = None
+    if capture_attention and n_slots == 2:
+        attention = torch.full((n, n_layers, model.cfg.n_heads), float("nan"), device=z.device)
+    out = torch.empty(n, z.shape[-1], dtype=z.dtype, device=z.device)
+    if final_t is not None:
+        out[final_t] = z[final_t, -1]
+    if order_t is None:
+        return out, attention
+    z_ordered = z[order_t]
+    ordered_pos = None if position_ids is None else position_ids[order_t]
+    if ordered_pos is not None:
+        ensure_rotary_length(model, int(ordered_pos.max()) + 1)  # one sync, not one per block
+    current: dict[str, Tensor] = {}
+
+    def pattern_hook(pattern, hook):
+        current["pattern"] = pattern[:, :, 1, 0].float()
+
+    active: Tensor | None = None
+    with torch.inference_mode():
+        for k in range(n_layers):
+            device = block_device(model, k)
+            pre_start, running, mid_end = plan.bounds[k]
+            if running > pre_start:
+                new = z_ordered[pre_start:running].to(device)
+                active = new if active is None else torch.cat([active.to(device), new])
+            if active is not None and running > 0:
+                active = active.to(device)
+                positions = None if ordered_pos is None else ordered_pos[:running]
+                hooks = [(f"blocks.{k}.attn.hook_pattern", pattern_hook)] if attention is not None else []
+                with rotary_positions(model, positions, range(k, k + 1), check=False), point_hooks(model, hooks):
+                    active = model.blocks[k](active)
+                if attention is not None:
+                    attention[order_t[:running], k] = current.pop("pattern").to(z.device)
+            if mid_end > running:
+                positions = None if ordered_pos is None else ordered_pos[running:mid_end]
+                with rotary_positions(model, positions, range(k, k + 1), check=False):
+                    new = _mlp_half(model, k, z_ordered[running:mid_end].to(device))
+                active = new if active is None else torch.cat([active, new])
+        out[order_t] = active[:, -1].to(z.device)
+    return out, attention
+
+
+def cuda_graphs_possible(model) -> bool:
+    """Whether CUDA graphs can replay this model's blocks: all of it on one CUDA device."""
+    return str(model.cfg.device).startswith("cuda") and torch.cuda.is_available() and model.cfg.n_devices == 1
+
+
+def _capture(fn):
+    """Warm `fn` up on a side stream (as capture requires), then capture one call of it in a
+    CUDA graph; returns the graph and what the captured call returned (its static outputs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+class ContinuationGraphs:
+    """CUDA graphs of whole `continue_slots` calls, one per shape (rows, slots, plan,
+    attention), captured on first use and replayed after: the continuation of a batch is then
+    one launch instead of thousands, which is what a small model's sweep is bound by on a GPU.
+
+    Keeps the `max_graphs` most recently used (each holds its own memory pool). A model that
+    cannot be captured turns graphs off with one warning and runs eagerly. Hooks added to the
+    model after a capture are not seen by that graph.
+    """
+
+    def __init__(self, model, max_graphs: int = 6):
+        self.model = model
+        self.max_graphs = max_graphs
+        self.enabled = cuda_graphs_possible(model)
+        self._cache: dict = {}
+
+    def run(self, z, plan: ContinuationPlan, capture_attention: bool):
+        key = (tuple(z.shape), z.dtype, plan, capture_attention)
+        entry = self._cache.pop(key, None)
+        if entry is None:
+            try:
+                entry = self._capture(z, plan, capture_attention)
+            except Exception as exc:  # noqa: BLE001 - eager still works
+                warnings.warn(f"CUDA graphs of the SimLens continuation unavailable ({type(exc).__name__}: {exc}); running eagerly")
+                self.enabled = False
+                self._cache.clear()
+                return None
+            while len(self._cache) >= self.max_graphs:
+                self._cache.pop(next(iter(self._cache)))
+        self._cache[key] = entry  # most recently used last
+        graph, z_in, out, attention, _indices = entry
+        with torch.inference_mode():
+            z_in.copy_(z)
+            graph.replay()
+            return out.clone(), (None if attention is None else attention.clone())
+
+    def _capture(self, z, plan: ContinuationPlan, capture_attention: bool):
+        final_t, order_t = _plan_indices(plan, z.device)
+        with torch.inference_mode():
+            z_in = z.clone()
+            graph, (out, attention) = _capture(
+                lambda: _execute_plan(self.model, z_in, plan, final_t, order_t, None, capture_attention)
+            )
+        # The index tensors live outside the graph's pool: the entry keeps them alive, or their
+        # memory would be reused while the graph still reads it.
+        return graph, z_in, out, attention, (final_t, order_t)
+
+
+class GraphedContinuation:
+    """`continue_slots` for `n` sequences of `n_slots` slots at consecutive positions, replayed
+    from CUDA graphs: one graph per block, chained through static buffers, so continuing from
+    block l is L-l graph launches instead of L-l Python block calls (hundreds of kernel
+    launches each). At batch size 1 a two-token block is launch-bound on a GPU: this is what
+    makes an early exit's continuation cheap in wall-clock, not only in layer-tokens.
+
+    Captured on first use (one warm-up and one capture per block); CUDA only. The buffers are
+    reused, so `run` returns a copy. Results equal `continue_slots` up to kernel choice.
+    """
+
+    def __init__(self, model, n: int, n_slots: int = 2):
+        if not cuda_graphs_possible(model):
+            raise LensbenchError("CUDA graphs of the continuation need the model on one CUDA device")
+        self.model = model
+        self.n, self.n_slots = n, n_slots
+        n_layers, d_model = model.cfg.n_layers, model.cfg.d_model
+        dtype = next(model.blocks[0].parameters()).dtype
+        device = next(model.blocks[0].parameters()).device
+        self.buffers = [torch.zeros(n, n_slots, d_model, dtype=dtype, device=device) for _ in range(n_layers + 1)]
+        self.graphs: list = []
+        with torch.inference_mode():
+            for k in range(n_layers):
+                graph, _ = _capture(lambda: self.buffers[k + 1].copy_(model.blocks[k](self.buffers[k])))
+                self.graphs.append(graph)
+
+    def run(self, z: Float[Tensor, "n slot d_model"], start_layer: int) -> Float[Tensor, "n d_model"]:
+        """The last slot's final residual, continuing `z` from `blocks.{start_layer}.hook_resid_pre`."""
+        with torch.inference_mode():  # the buffers may be inference tensors (captured in that mode)
+            self.buffers[start_layer].copy_(z)
+            for k in range(start_layer, len(self.graphs)):
+                self.graphs[k].replay()
+            return self.buffers[-1][:, -1].clone()

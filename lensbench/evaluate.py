@@ -1,0 +1,271 @@
+"""One batch of examples through every lens at every readout point, and its stored tables.
+
+`evaluate_batch` runs one hooked forward pass over the batch to gather the slot residuals,
+hands them to each lens (`Lens.final_residuals`), and reads every lens out through the same
+unembedding; `evaluate_with_backoff` splits a batch that runs out of memory. The columns it
+returns are those of `predictions.parquet` (docs/format.md).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from lensbench.lenses import Lens, LensBatch, RunContext
+from lensbench.readout import check_extra_positions, collect_slots, pad_candidates, pad_right, unembed
+from lensbench.readout import entropy as readout_entropy
+from lensbench.tasks import EncodedExample, Example
+
+
+@dataclass
+class BatchResult:
+    """Columns for one batch of predictions, plus attention sums for the role analyses."""
+
+    columns: dict[str, list]
+    attention_sum: torch.Tensor | None = None  # (point, block, head)
+    attention_count: torch.Tensor | None = None  # (point, block)
+
+
+@torch.inference_mode()
+def evaluate_batch(
+    model,
+    lenses: list[Lens],
+    ctx: RunContext,
+    batch: list[EncodedExample],
+    topk: int = 5,
+    entropy: str = "candidates",
+) -> BatchResult:
+    """Run every lens at every readout point on one batch of examples.
+
+    Everything up to the decisions stays on the model's device; the results cross to the host
+    once, at the end (no synchronisation per lens, point or row), and the columns are built
+    from whole arrays rather than row by row.
+    """
+    points = ctx.points
+    indices = [e.index for e in batch]
+    aux = []
+    for lens in lenses:
+        for donor in lens.donors(indices):
+            if donor not in indices and donor not in aux:
+                aux.append(donor)
+    rows = batch + [ctx.examples[i] for i in aux]
+    extra = tuple(sorted({p for lens in lenses for p in lens.extra_positions()}))
+    if extra:
+        check_extra_positions([len(e.tokens) for e in rows], list(extra), [e.id for e in rows])
+    device = model.cfg.device
+    tokens, lengths = pad_right([e.tokens for e in rows], ctx.pad_id, device)
+    slots = collect_slots(model, tokens, lengths, points, extra)
+    lens_batch = LensBatch(model, slots, len(batch), torch.tensor(indices + aux))
+
+    b = len(batch)
+    final_logits = unembed(model, slots.a[-1, :b])  # float32, on the unembedding's device
+    out_device = final_logits.device
+    cand_ids, cand_mask = pad_candidates([e.candidate_ids for e in batch], out_device)
+    final_decision = final_logits.gather(1, cand_ids).masked_fill(~cand_mask, -torch.inf).argmax(-1)
+
+    attention_sum = attention_count = None
+    vocab = model.cfg.d_vocab_out
+    chunk = max(1, int(3e7 // (b * vocab)))  # bound the (point, batch, vocab) logits in memory
+    per_lens = []  # (decision, entropy, candidate logprobs, top-k probs, top-k ids), each (point, b, ...)
+    for lens in lenses:
+        output = lens.final_residuals(lens_batch)
+        if output.attention is not None:
+            att = output.attention.float()
+            valid = ~torch.isnan(att)
+            sums = torch.where(valid, att, torch.zeros_like(att)).sum(1)
+            counts = valid[..., 0].sum(1).float()
+            attention_sum = sums if attention_sum is None else attention_sum + sums
+            attention_count = counts if attention_count is None else attention_count + counts
+        parts = []
+        for start in range(0, len(points), chunk):
+            # (p, b, vocab) float32 logits; (p, 1, vocab) for a lens shared by the whole batch,
+            # read out once and broadcast (as views) to every example's candidates.
+            logits = unembed(model, output.resid[start : start + chunk])
+            # Two passes over the vocabulary (log-normaliser, top-k) instead of materialising
+            # the full log-softmax and its exponential: the readout is memory-bound.
+            log_norm = torch.logsumexp(logits, -1, keepdim=True)
+            top_logits, top_i = logits.topk(topk, dim=-1)
+            top_p = (top_logits - log_norm).exp()
+            vocab_entropy = readout_entropy(logits - log_norm) if entropy == "vocab" else None
+            if output.shared:
+                logits, top_p, top_i = (t.expand(-1, b, -1) for t in (logits, top_p, top_i))
+                vocab_entropy = None if vocab_entropy is None else vocab_entropy.expand(-1, b)
+            cand_logits = logits.gather(2, cand_ids[None].expand(logits.shape[0], -1, -1))
+            cand_logits = cand_logits.masked_fill(~cand_mask[None], -torch.inf)
+            cand_logprobs = torch.log_softmax(cand_logits, -1)
+            ent = readout_entropy(cand_logprobs) if entropy == "candidates" else vocab_entropy
+            del logits
+            parts.append((cand_logprobs.argmax(-1), ent, cand_logprobs, top_p, top_i))
+        per_lens.append([torch.cat(field) for field in zip(*parts)])
+    # The one transfer to the host: (lens, point, b, ...) arrays.
+    decision, ent, cand_lp, top_p, top_i = (torch.stack(f).cpu().numpy() for f in zip(*per_lens))
+    final_np = final_decision.cpu().numpy()
+    if attention_sum is not None:
+        attention_sum, attention_count = attention_sum.cpu(), attention_count.cpu()
+    return BatchResult(
+        _batch_columns(model.tokenizer, lenses, points, batch, decision, ent, cand_lp, top_p, top_i, final_np),
+        attention_sum, attention_count,
+    )
+
+
+def _batch_columns(tokenizer, lenses, points, batch, decision, ent, cand_lp, top_p, top_i, final_decision) -> dict[str, list]:
+    """The prediction columns, one entry per (lens, point, example) in that nesting order."""
+    n_lens, n_points, b = decision.shape
+    n_rows = n_lens * n_points * b
+    row_of = np.tile(np.arange(b), n_lens * n_points)
+    indices = [e.index for e in batch]
+    gold = np.array([e.gold for e in batch])
+    cand_tokens = [[tokenizer.decode([c]) for c in e.candidate_ids] for e in batch]
+    donors = []
+    for lens in lenses:
+        donors.extend(lens.donor_column(indices) * n_points)
+    flat_decision = decision.reshape(-1)
+    n_cands = [len(e.candidate_ids) for e in batch]
+    cand_rows = cand_lp.reshape(n_rows, -1).tolist()
+    if min(n_cands) != cand_lp.shape[-1]:
+        cand_rows = [values[: n_cands[r]] for values, r in zip(cand_rows, row_of.tolist())]
+    layers = [p.layer for p in points]
+    sites = ["final" if p.is_final else p.site for p in points]
+    return {
+        "example_index": [indices[r] for r in row_of.tolist()],
+        "example_id": [batch[r].id for r in row_of.tolist()],
+        "lens": [lens.name for lens in lenses for _ in range(n_points * b)],
+        "layer": np.repeat(layers, b).tolist() * n_lens,
+        "site": [site for site in sites for _ in range(b)] * n_lens,
+        "decision": flat_decision.tolist(),
+        "decision_token": [cand_tokens[r][d] for r, d in zip(row_of.tolist(), flat_decision.tolist())],
+        "gold": gold[row_of].tolist(),
+        "correct": (flat_decision == gold[row_of]).tolist(),
+        "final_decision": final_decision[row_of].tolist(),
+        "agrees_final": (flat_decision == final_decision[row_of]).tolist(),
+        "entropy": ent.reshape(-1).tolist(),
+        "candidate_logprobs": cand_rows,
+        "topk_ids": top_i.reshape(n_rows, -1).tolist(),
+        "topk_probs": top_p.reshape(n_rows, -1).tolist(),
+        "donor_index": donors,
+    }
+
+
+def _decode_each(tokenizer, ids: list[list[int]]) -> list[list[str]]:
+    """`[[decode([i]) for i in row] for row in ids]`, decoding each distinct id once."""
+    if not ids or len({len(row) for row in ids}) != 1 or not ids[0]:  # empty or ragged
+        return [[tokenizer.decode([i]) for i in row] for row in ids]
+    unique, inverse = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1), return_inverse=True)
+    text = np.array([tokenizer.decode([int(i)]) for i in unique] + [None], dtype=object)[:-1]
+    return text[inverse].reshape(len(ids), -1).tolist()
+
+
+def predictions_table(columns: dict[str, list], tokenizer) -> pa.Table:
+    top_tokens = _decode_each(tokenizer, columns["topk_ids"])
+    return pa.table({
+        "example_index": pa.array(columns["example_index"], pa.int32()),
+        "example_id": pa.array(columns["example_id"], pa.string()),
+        "lens": pa.array(columns["lens"], pa.string()),
+        "layer": pa.array(columns["layer"], pa.int16()),
+        "site": pa.array(columns["site"], pa.string()),
+        "decision": pa.array(columns["decision"], pa.int16()),
+        "decision_token": pa.array(columns["decision_token"], pa.string()),
+        "gold": pa.array(columns["gold"], pa.int16()),
+        "correct": pa.array(columns["correct"], pa.bool_()),
+        "final_decision": pa.array(columns["final_decision"], pa.int16()),
+        "agrees_final": pa.array(columns["agrees_final"], pa.bool_()),
+        "entropy": pa.array(columns["entropy"], pa.float32()),
+        "candidate_logprobs": pa.array(columns["candidate_logprobs"], pa.list_(pa.float32())),
+        "topk_ids": pa.array(columns["topk_ids"], pa.list_(pa.int32())),
+        "topk_tokens": pa.array(top_tokens, pa.list_(pa.string())),
+        "topk_probs": pa.array(columns["topk_probs"], pa.list_(pa.float32())),
+        "donor_index": pa.array(columns["donor_index"], pa.int32()),
+    })
+
+
+def examples_table(examples: list[Example], encoded: list[EncodedExample], tokenizer) -> pa.Table:
+    by_index = {e.index: e for e in encoded}
+    rows = [(i, examples[i], by_index[i]) for i in sorted(by_index)]
+    return pa.table({
+        "example_index": pa.array([i for i, _, _ in rows], pa.int32()),
+        "example_id": [e.id for _, e, _ in rows],
+        "prompt": [e.prompt for _, e, _ in rows],
+        "choices": pa.array([e.choices for _, e, _ in rows], pa.list_(pa.string())),
+        "gold": pa.array([e.gold for _, e, _ in rows], pa.int16()),
+        "n_tokens": pa.array([len(enc.tokens) for _, _, enc in rows], pa.int32()),
+        "start_token": [tokenizer.decode([enc.tokens[0]]) for _, _, enc in rows],
+        "answer_token": [tokenizer.decode([enc.tokens[-1]]) for _, _, enc in rows],
+        "metadata": [json.dumps(e.metadata, default=str) for _, e, _ in rows],
+    })
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA (or other accelerator) out-of-memory error, which a smaller batch may avoid."""
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
+
+
+class BatchSizer:
+    """The largest sub-batch believed to fit, learnt from out-of-memory errors.
+
+    It starts at the plan's batch size. An out-of-memory error on `rows` prompts padded to
+    `length` tokens halves the token budget to `rows * length / 2`; a later sub-batch gets as
+    many rows as the budget allows at its own padded length, so the size grows back as the
+    (length-sorted) prompts get shorter, never beyond the plan's batch size.
+    """
+
+    def __init__(self, max_rows: int):
+        self.max_rows = max_rows
+        self.token_budget: int | None = None
+        self.backoffs = 0
+
+    def rows_for(self, length: int) -> int:
+        if self.token_budget is None:
+            return self.max_rows
+        return max(1, min(self.max_rows, self.token_budget // max(1, length)))
+
+    def shrink(self, rows: int, length: int) -> None:
+        self.token_budget = max(1, rows * length // 2)
+        self.backoffs += 1
+
+
+def merge_results(results: list[BatchResult]) -> BatchResult:
+    """One BatchResult from those of consecutive sub-batches (rows concatenated, sums added)."""
+    if len(results) == 1:
+        return results[0]
+    columns = {k: [v for r in results for v in r.columns[k]] for k in results[0].columns}
+    sums = [r.attention_sum for r in results if r.attention_sum is not None]
+    counts = [r.attention_count for r in results if r.attention_count is not None]
+    return BatchResult(columns, sum(sums) if sums else None, sum(counts) if counts else None)
+
+
+def evaluate_with_backoff(
+    model, lenses: list[Lens], ctx: RunContext, batch: list[EncodedExample], sizer: BatchSizer,
+    topk: int = 5, entropy: str = "candidates",
+) -> BatchResult:
+    """`evaluate_batch` on `batch`, split into smaller sub-batches while they run out of memory.
+
+    Every example is evaluated exactly once: a sub-batch that fails is retried whole, smaller,
+    and only finished sub-batches are kept. A single example that does not fit is an error.
+    """
+    results = []
+    done = 0
+    while done < len(batch):
+        length = max(len(e.tokens) for e in batch[done:])
+        rows = min(sizer.rows_for(length), len(batch) - done)
+        sub = batch[done : done + rows]
+        try:
+            results.append(evaluate_batch(model, lenses, ctx, sub, topk, entropy))
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
+            if not is_out_of_memory(exc) or rows == 1:
+                raise
+            failed_length = max(len(e.tokens) for e in sub)
+        else:
+            done += rows
+            continue
+        # Outside the except block, so the failed attempt's tensors are already released.
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        sizer.shrink(rows, failed_length)
+        print(f"lensbench: out of memory at {rows} x {failed_length} tokens; "
+              f"retrying with {sizer.rows_for(failed_length)} example(s) per batch", file=sys.stderr)
+    return merge_results(results)
