@@ -16,8 +16,9 @@ lenses = list(summary["lenses"])
 n_layers = int(summary["final_layer"])
 
 c1, c2, c3 = st.columns(3)
-policy = c1.selectbox("Policy", exits.POLICIES, index=exits.POLICIES.index("logit") if "logit" in lenses else 0,
-                      key="exits-policy", help="docs/METHOD.md, 'SimExit'; lensbench/exits.py")
+policy_names = list(exits.POLICIES)
+policy = c1.selectbox("Policy", policy_names, index=policy_names.index("logit") if "logit" in lenses else 0,
+                      key="exits-policy", help="docs/METHOD.md, 'SimExit'; lensbench/exits/")
 answers = [lens for lens in exits.ANSWER_LENSES if lens in lenses] or list(exits.ANSWER_LENSES)
 answer_lens = c2.selectbox("Answer lens at an exit", answers, key="exits-answer", format_func=plotting.lens_label)
 min_layer = int(c3.number_input("First layer checked", 0, n_layers, 0, key="exits-min-layer"))
