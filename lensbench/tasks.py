@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,37 +141,60 @@ def _mmlu_examples(split: str, shots: int) -> list[Example]:
     return examples
 
 
-def load_jsonl(path: str | Path) -> list[Example]:
-    """A user's JSONL file; a malformed line is an error naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
+def _read_task_text(path: Path) -> str:
+    """The text of a task file, gunzipped when it is gzip (whatever its name); a file that
+    cannot be read, or is not UTF-8, is an error naming it."""
+    if not path.exists():
         raise LensbenchError(f"task file not found: {path}")
+    if path.is_dir():
+        raise LensbenchError(f"task file {path} is a directory, not a JSONL file")
+    if not path.is_file():
+        raise LensbenchError(f"task file {path} is not a regular file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise LensbenchError(f"cannot read task file {path}: {exc.strerror or exc}") from None
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise LensbenchError(f"task file {path} is a damaged gzip file ({exc})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise LensbenchError(f"task file {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); save it as UTF-8") from None
+
+
+def load_jsonl(path: str | Path) -> list[Example]:
+    """A user's JSONL file (gzipped or not); a malformed line is an error naming the file and line."""
+    path = Path(path)
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LensbenchError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise LensbenchError(f"{where}: expected a JSON object")
-            missing = [k for k in ("id", "prompt", "choices", "gold") if k not in obj]
-            if missing:
-                raise LensbenchError(f"{where}: missing field(s) {', '.join(missing)}")
-            choices, gold = obj["choices"], obj["gold"]
-            if not isinstance(obj["prompt"], str) or not obj["prompt"]:
-                raise LensbenchError(f"{where}: 'prompt' must be a non-empty string")
-            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
-                raise LensbenchError(f"{where}: 'choices' must be a list of at least two non-empty strings")
-            if len(set(choices)) != len(choices):
-                raise LensbenchError(f"{where}: 'choices' has duplicates")
-            if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
-                raise LensbenchError(f"{where}: 'gold' must be an integer index into 'choices' (0..{len(choices) - 1})")
-            meta = obj.get("metadata", {})
-            examples.append(Example(str(obj["id"]), obj["prompt"], list(choices), gold, meta if isinstance(meta, dict) else {}))
+    text = _read_task_text(path).replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as open() reads
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LensbenchError(f"{where}: not valid JSON ({exc.msg})") from None
+        if not isinstance(obj, dict):
+            raise LensbenchError(f"{where}: expected a JSON object")
+        missing = [k for k in ("id", "prompt", "choices", "gold") if k not in obj]
+        if missing:
+            raise LensbenchError(f"{where}: missing field(s) {', '.join(missing)}")
+        choices, gold = obj["choices"], obj["gold"]
+        if not isinstance(obj["prompt"], str) or not obj["prompt"]:
+            raise LensbenchError(f"{where}: 'prompt' must be a non-empty string")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+            raise LensbenchError(f"{where}: 'choices' must be a list of at least two non-empty strings")
+        if len(set(choices)) != len(choices):
+            raise LensbenchError(f"{where}: 'choices' has duplicates")
+        if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
+            raise LensbenchError(f"{where}: 'gold' must be an integer index into 'choices' (0..{len(choices) - 1})")
+        meta = obj.get("metadata", {})
+        examples.append(Example(str(obj["id"]), obj["prompt"], list(choices), gold, meta if isinstance(meta, dict) else {}))
     if not examples:
         raise LensbenchError(f"{path}: no examples")
     ids = [e.id for e in examples]

@@ -1,0 +1,112 @@
+"""User mistakes in task files and model specs: one line naming what is wrong, before any compute.
+
+Through the CLI: exit status 2, `lensbench: error: ...` as the only line on stderr, no traceback.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lensbench.errors import LensbenchError
+from lensbench.tasks import load_jsonl, load_task
+
+ROOT = Path(__file__).resolve().parents[2]
+ROWS = [{"id": f"q{i}", "prompt": "The capital of France is", "choices": [" Paris", " Rome"], "gold": 0} for i in range(4)]
+TEXT = "".join(json.dumps(r) + "\n" for r in ROWS)
+
+
+def cli_error(tmp_path, *args) -> str:
+    """Run `lensbench eval ARGS` in a subprocess; assert a one-line user error; return that line."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    argv = [sys.executable, "-m", "lensbench", "eval", "--out", str(tmp_path / "out"), "--limit", "2", "--quiet", *args]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lensbench: error: "), proc.stderr
+    return lines[0]
+
+
+def one_line_error(func, *args) -> str:
+    with pytest.raises(LensbenchError) as info:
+        func(*args)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# --- task files: compression, encoding, unreadable paths ------------------------------------
+
+
+@pytest.mark.parametrize("name", ["task.jsonl.gz", "task.jsonl"])
+def test_gzipped_task_file_is_read(tmp_path, name):
+    (tmp_path / "plain.jsonl").write_text(TEXT)
+    (tmp_path / name).write_bytes(gzip.compress(TEXT.encode()))
+    examples = load_jsonl(tmp_path / name)
+    assert [e.id for e in examples] == ["q0", "q1", "q2", "q3"]
+    assert [e.__dict__ for e in examples] == [e.__dict__ for e in load_jsonl(tmp_path / "plain.jsonl")]
+    halves = load_task(f"{tmp_path / name}@calib") + load_task(f"{tmp_path / name}@test")
+    assert sorted(e.id for e in halves) == ["q0", "q1", "q2", "q3"]
+
+
+def test_damaged_gzip_task_file(tmp_path):
+    path = tmp_path / "task.jsonl.gz"
+    path.write_bytes(gzip.compress(TEXT.encode())[:30])
+    message = one_line_error(load_jsonl, path)
+    assert str(path) in message and "damaged gzip file" in message
+
+
+def test_latin1_task_file_names_the_file_and_the_encoding(tmp_path):
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(TEXT.encode() + json.dumps({**ROWS[0], "id": "café"}, ensure_ascii=False).encode("latin-1") + b"\n")
+    message = one_line_error(load_jsonl, path)
+    assert str(path) in message and "is not UTF-8 text" in message and "line 5" in message
+    assert f"{path} is not UTF-8 text" in cli_error(tmp_path, "--task", str(path), "--model", "random:tiny-rotary:1")
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + TEXT.encode())
+    assert len(load_jsonl(path)) == 4
+
+
+def test_directory_as_task_says_it_is_a_directory(tmp_path):
+    folder = tmp_path / "tasks.jsonl"
+    folder.mkdir()
+    assert "is a directory" in one_line_error(load_jsonl, folder)
+    plain = tmp_path / "data"
+    plain.mkdir()
+    assert f"task file {plain} is a directory" in cli_error(tmp_path, "--task", str(plain), "--model", "random:tiny-rotary:1")
+
+
+def test_fifo_as_task_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    assert "is not a regular file" in one_line_error(load_jsonl, fifo)
+
+
+def test_unreadable_task_file_is_one_line(tmp_path, monkeypatch):
+    path = tmp_path / "task.jsonl"
+    path.write_text(TEXT)
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    message = one_line_error(load_jsonl, path)
+    assert message == f"cannot read task file {path}: Permission denied"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a chmod 000 file")
+def test_chmod_000_task_file(tmp_path):
+    path = tmp_path / "task.jsonl"
+    path.write_text(TEXT)
+    path.chmod(0)
+    assert "cannot read task file" in one_line_error(load_jsonl, path)
