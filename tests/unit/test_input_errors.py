@@ -110,3 +110,47 @@ def test_chmod_000_task_file(tmp_path):
     path.write_text(TEXT)
     path.chmod(0)
     assert "cannot read task file" in one_line_error(load_jsonl, path)
+
+
+# --- example ids ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [None, ["a"], {"a": 1}, True, False, 1.5, ""])
+def test_id_that_is_not_a_string_or_integer_is_refused(tmp_path, bad):
+    path = tmp_path / "task.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps({**ROWS[1], "id": bad}) + "\n")
+    message = one_line_error(load_jsonl, path)
+    assert message.startswith(f"{path}:2: 'id' must be a non-empty string or an integer, not {json.dumps(bad)}")
+
+
+def test_null_id_through_the_cli(tmp_path):
+    path = tmp_path / "task.jsonl"
+    path.write_text(json.dumps({**ROWS[0], "id": None}) + "\n")
+    assert f"{path}:1: 'id' must be" in cli_error(tmp_path, "--task", str(path), "--model", "random:tiny-rotary:1")
+
+
+def test_integer_id_is_read_as_a_string(tmp_path):
+    path = tmp_path / "task.jsonl"
+    path.write_text(json.dumps({**ROWS[0], "id": 7}) + "\n" + json.dumps(ROWS[1]) + "\n")
+    assert [e.id for e in load_jsonl(path)] == ["7", "q1"]
+
+
+def test_boolq_ids_are_real_and_stable():
+    examples = load_task("boolq")
+    ids = [e.id for e in examples]
+    assert ids[:2] == ["boolq-000000", "boolq-000001"]
+    assert all(i == f"boolq-{e.metadata['doc_id']:06d}" for i, e in zip(ids, examples))
+    assert not any("None" in i for i in ids) and len(set(ids)) == len(ids) == 3270
+    calib, test = load_task("boolq@calib"), load_task("boolq@test")
+    assert calib and test and sorted(e.id for e in calib + test) == sorted(ids)
+
+
+@pytest.mark.parametrize("task, digest", [
+    ("arc-easy", "088ba7086c5bad5b"), ("sciq", "cdcaf63295eb44b1"), ("hellaswag", "b986811995ac0c82"),
+])
+def test_other_tasks_keep_their_ids(task, digest):
+    """String, integer and missing native ids: unchanged by BoolQ's new ids (so are their halves)."""
+    import hashlib
+
+    ids = [e.id for e in load_task(task)]
+    assert hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16] == digest
