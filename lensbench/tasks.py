@@ -225,13 +225,21 @@ def in_part(example_id: str, part: str) -> bool:
     return (digest % 2 == 0) == (part == "calib")
 
 
+def _is_file_spec(spec: str) -> bool:
+    return spec.endswith((".jsonl", ".jsonl.gz")) or Path(spec).exists()
+
+
 def parse_spec(spec: str) -> tuple[str, str | None, str | None]:
-    """`name[:split][@part]` -> (name, split, part); a path keeps its colons."""
+    """`name[:split][@part]` -> (name, split, part); a path keeps its colons, and a path with
+    a `:split` after it comes back with that split (which `load_task` refuses)."""
     part = None
     if "@" in spec and spec.rsplit("@", 1)[1] in PARTS:
         spec, part = spec.rsplit("@", 1)
-    if spec.endswith(".jsonl") or Path(spec).exists():
+    if _is_file_spec(spec):
         return spec, None, part
+    head, colon, split = spec.rpartition(":")
+    if colon and _is_file_spec(head):
+        return head, split, part
     name, _, split = spec.partition(":")
     return name, split or None, part
 
@@ -239,7 +247,9 @@ def parse_spec(spec: str) -> tuple[str, str | None, str | None]:
 def load_task(spec: str) -> list[Example]:
     """All examples of a task spec, in a fixed order."""
     name, split, part = parse_spec(spec)
-    if name.endswith(".jsonl") or Path(name).exists():
+    if _is_file_spec(name):
+        if split is not None:
+            raise LensbenchError(f"task file {name} has no splits: drop ':{split}' (@calib or @test picks a half of a file)")
         examples = load_jsonl(name)
     else:
         key = ALIASES.get(name, name)

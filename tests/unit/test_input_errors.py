@@ -154,3 +154,21 @@ def test_other_tasks_keep_their_ids(task, digest):
 
     ids = [e.id for e in load_task(task)]
     assert hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16] == digest
+
+
+# --- task specs -------------------------------------------------------------------------------
+
+
+def test_split_after_a_task_file_is_refused(tmp_path):
+    path = tmp_path / "task.jsonl"
+    path.write_text(TEXT)
+    for spec in (f"{path}:test", f"{path}:test@calib", f"{path}:validation", f"{path}:"):
+        message = one_line_error(load_task, spec)
+        assert message.startswith(f"task file {path} has no splits: drop ':")
+    assert len(load_task(f"{path}@calib")) + len(load_task(f"{path}@test")) == 4
+    assert "has no splits" in cli_error(tmp_path, "--task", f"{path}:test", "--model", "random:tiny-rotary:1")
+
+
+def test_split_after_a_missing_task_file_is_refused(tmp_path):
+    assert "has no splits" in one_line_error(load_task, str(tmp_path / "absent.jsonl:test"))
+    assert one_line_error(load_task, str(tmp_path / "absent.jsonl.gz")).startswith("task file not found")
