@@ -258,17 +258,45 @@ def embedded_tokenizer():
     return tokenizer
 
 
-def random_model(preset: str, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32, tokenizer=None):
-    """A randomly initialised HookedTransformer of a preset shape, with the embedded tokenizer."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+def random_model(
+    preset: str, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32, tokenizer=None, n_ctx: int | None = None
+):
+    """A randomly initialised HookedTransformer of a preset shape, with the embedded tokenizer.
 
+    `n_ctx` (default: the preset's) does not change the weights a seed gives: learned position
+    rows past the preset's length come from a generator of their own."""
     if preset not in RANDOM_PRESETS:
         raise LensbenchError(f"unknown random preset '{preset}' (expected one of {', '.join(RANDOM_PRESETS)})")
+    if not 0 <= seed < 2**32:
+        raise LensbenchError(f"random model seed {seed} is out of range (0 to {2**32 - 1})")
+    if n_ctx is not None and n_ctx < 1:
+        raise LensbenchError(f"n_ctx must be positive, got {n_ctx}")
     tokenizer = tokenizer if tokenizer is not None else embedded_tokenizer()
     params = dict(RANDOM_PRESETS[preset])
     params["d_vocab"] = max(params.get("d_vocab", 0), len(tokenizer))  # every token id must embed
+    n_ctx = n_ctx or params["n_ctx"]
+    if n_ctx == params["n_ctx"] or params["positional_embedding_type"] != "standard":
+        return _random_transformer(preset, dict(params, n_ctx=n_ctx), seed, device, dtype, tokenizer)
+    # W_pos's size would shift every later draw: take the preset's weights, then resize W_pos.
+    reference = _random_transformer(preset, params, seed, device, dtype, tokenizer)
+    model = _random_transformer(preset, dict(params, n_ctx=n_ctx), seed, device, dtype, tokenizer, init=False)
+    state = dict(reference.named_parameters())
+    w_pos = state["pos_embed.W_pos"].detach()
+    if n_ctx > w_pos.shape[0]:
+        rows = torch.randn(n_ctx - w_pos.shape[0], w_pos.shape[1], generator=torch.Generator().manual_seed(seed))
+        w_pos = torch.cat([w_pos, (rows * reference.cfg.initializer_range).to(w_pos)])
+    state["pos_embed.W_pos"] = w_pos[:n_ctx]
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(state[name])
+    return model
+
+
+def _random_transformer(preset: str, params: dict, seed: int, device: str, dtype: torch.dtype, tokenizer, init: bool = True):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
     cfg = HookedTransformerConfig(
-        **params, seed=seed, device=device, dtype=dtype,
+        **params, seed=seed, device=device, dtype=dtype, init_weights=init,
         original_architecture=f"random:{preset}", model_name=f"random-{preset}",
     )
     with warnings.catch_warnings():
@@ -294,11 +322,10 @@ def load_model(
     source_sha = None
     if spec.startswith("random:"):
         _, preset, *rest = spec.split(":")
-        try:
-            seed = int(rest[0]) if rest else 0
-        except ValueError:
-            raise LensbenchError(f"bad random model spec '{spec}' (expected random:PRESET[:SEED])") from None
-        model = random_model(preset, seed, device, torch_dtype)
+        if len(rest) > 1 or rest and not (rest[0].isascii() and rest[0].isdigit() and int(rest[0]) < 2**32):
+            raise LensbenchError(f"bad random model spec '{spec}' (expected random:PRESET[:SEED], SEED from 0 to {2**32 - 1})")
+        seed = int(rest[0]) if rest else 0
+        model = random_model(preset, seed, device, torch_dtype, n_ctx=n_ctx)
         source_sha = f"random-{preset}-{seed}"
     elif spec in SHIPPED:
         path = shipped_gguf_path(spec)

@@ -172,3 +172,61 @@ def test_split_after_a_task_file_is_refused(tmp_path):
 def test_split_after_a_missing_task_file_is_refused(tmp_path):
     assert "has no splits" in one_line_error(load_task, str(tmp_path / "absent.jsonl:test"))
     assert one_line_error(load_task, str(tmp_path / "absent.jsonl.gz")).startswith("task file not found")
+
+
+# --- model specs ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("random:tiny-rotary:-1", "bad random model spec 'random:tiny-rotary:-1'"),
+    ("random:tiny-rotary:x", "bad random model spec"),
+    ("random:tiny-rotary:1:2", "bad random model spec"),
+    ("random:tiny-rotary:4294967296", "bad random model spec"),
+    ("random:nope", "unknown random preset 'nope'"),
+    ("random:", "unknown random preset ''"),
+])
+def test_malformed_random_specs(spec, message):
+    from lensbench.models import load_model
+
+    assert message in one_line_error(load_model, spec)
+
+
+def test_negative_seed_through_the_cli_and_the_library(tmp_path, tokenizer):
+    from lensbench.models import random_model
+
+    assert "bad random model spec" in cli_error(tmp_path, "--task", "capitals", "--model", "random:tiny-rotary:-1")
+    assert "seed -1 is out of range" in one_line_error(random_model, "tiny-rotary", -1, "cpu", None, tokenizer)
+
+
+@pytest.mark.parametrize("preset", ["tiny-rotary", "tiny-learned"])
+def test_n_ctx_reaches_random_models(preset):
+    from lensbench.models import load_model
+
+    model, _ = load_model(f"random:{preset}:3", n_ctx=512)
+    assert model.cfg.n_ctx == 512
+    model, _ = load_model(f"random:{preset}:3", n_ctx=3000)
+    assert model.cfg.n_ctx == 3000
+
+
+def test_n_ctx_keeps_the_weights_a_seed_gives(tokenizer):
+    import torch
+
+    from lensbench.models import random_model
+
+    base = random_model("tiny-learned", 2, tokenizer=tokenizer)
+    assert base.cfg.n_ctx == 2048
+    for n_ctx in (100, 4096):
+        other = dict(random_model("tiny-learned", 2, tokenizer=tokenizer, n_ctx=n_ctx).named_parameters())
+        for name, param in base.named_parameters():
+            if name == "pos_embed.W_pos":
+                rows = min(n_ctx, 2048)
+                assert other[name].shape[0] == n_ctx and torch.equal(other[name][:rows], param[:rows])
+                assert 0.5 < float(other[name][rows:].std() / param.std()) < 2 if n_ctx > rows else True
+            else:
+                assert torch.equal(other[name], param), name
+
+
+def test_n_ctx_through_the_cli(tmp_path):
+    """The built-in prompts are longer than 8 tokens: refused only if --n-ctx reaches the model."""
+    line = cli_error(tmp_path, "--task", "capitals", "--model", "random:tiny-rotary:1", "--n-ctx", "8")
+    assert "longer than the model's context (8)" in line
