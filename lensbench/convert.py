@@ -9,6 +9,7 @@ import gc
 import json
 import os
 import shutil
+import struct
 import tempfile
 import warnings
 from pathlib import Path
@@ -32,6 +33,31 @@ def _tl_config(config_source: str, device: str, n_ctx: int, **kwargs):
         raise LensbenchError(f"TransformerLens cannot convert this architecture: {exc}") from None
 
 
+def check_gguf(path: Path) -> None:
+    """A one-line error unless `path` is a whole GGUF file: magic bytes, header, tensor table,
+    and every tensor's data inside the file."""
+    from gguf import GGUFReader
+
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise LensbenchError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if magic != b"GGUF":
+        raise LensbenchError(f"{path} is not a valid GGUF file (it does not start with the GGUF magic bytes)")
+    size = path.stat().st_size
+    try:
+        reader = GGUFReader(path)
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+        detail = f"its tensors need {end} bytes, the file has {size}"
+    except MemoryError:
+        raise
+    except Exception as exc:  # the reader fails in many ways on cut or corrupt bytes
+        end, detail = size + 1, (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    if end > size:
+        raise LensbenchError(f"{path} is not a valid, complete GGUF file (truncated or corrupt: {detail})")
+
+
 def _convert_to_cache(source: Path, kind: str, sha: str, n_ctx: int, tl_name: str | None = None) -> Path:
     """Convert a GGUF or transformers folder into a cached TransformerLens checkpoint."""
     # A neutral folder name: TransformerLens picks some architectures from the path's words
@@ -44,10 +70,16 @@ def _convert_to_cache(source: Path, kind: str, sha: str, n_ctx: int, tl_name: st
     from transformer_lens import HookedTransformer
     from safetensors.torch import save_file
 
+    if kind == "gguf":
+        check_gguf(source)
     print(f"lensbench: converting {source.name} to TransformerLens (once; cached in {target.parent})", flush=True)
     if kind == "gguf":
-        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-        hf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+            hf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+        except (ValueError, KeyError, IndexError, struct.error) as exc:  # a GGUF transformers cannot read
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise LensbenchError(f"transformers cannot load the GGUF {source}: {first}") from None
     else:
         tokenizer = AutoTokenizer.from_pretrained(source)
         hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)

@@ -230,3 +230,46 @@ def test_n_ctx_through_the_cli(tmp_path):
     """The built-in prompts are longer than 8 tokens: refused only if --n-ctx reaches the model."""
     line = cli_error(tmp_path, "--task", "capitals", "--model", "random:tiny-rotary:1", "--n-ctx", "8")
     assert "longer than the model's context (8)" in line
+
+
+# --- GGUF files -------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def gguf_cache(tmp_path, monkeypatch):
+    """An empty model cache: nothing converted, so a GGUF spec reaches the conversion."""
+    monkeypatch.setenv("LENSBENCH_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_junk_gguf_is_one_line(tmp_path, gguf_cache):
+    from lensbench.models import load_model
+
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(os.urandom(4096))
+    message = one_line_error(load_model, str(junk))
+    assert message == f"{junk} is not a valid GGUF file (it does not start with the GGUF magic bytes)"
+    assert "not a valid GGUF file" in cli_error(tmp_path, "--task", "capitals", "--model", str(junk))
+
+
+@pytest.mark.parametrize("keep", [1000, 4, 0.5])
+def test_truncated_gguf_is_one_line(tmp_path, gguf_cache, keep):
+    """The first 1000 bytes (inside the header), the magic bytes only, and half the file."""
+    from lensbench.models import load_model, shipped_gguf_path
+
+    real = shipped_gguf_path("smollm2-135m")
+    data = real.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: keep if isinstance(keep, int) else int(len(data) * keep)])
+    message = one_line_error(load_model, str(cut))
+    assert message.startswith(f"{cut} is not a valid, complete GGUF file (truncated or corrupt: ")
+    if keep == 1000:
+        assert "not a valid, complete GGUF file" in cli_error(tmp_path, "--task", "capitals", "--model", str(cut))
+    assert not (gguf_cache / "models").exists() or not any((gguf_cache / "models").iterdir())
+
+
+def test_whole_gguf_passes_the_check():
+    from lensbench.convert import check_gguf
+    from lensbench.models import shipped_gguf_path
+
+    check_gguf(shipped_gguf_path("smollm2-135m"))
