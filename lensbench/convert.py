@@ -33,6 +33,15 @@ def _tl_config(config_source: str, device: str, n_ctx: int, **kwargs):
         raise LensbenchError(f"TransformerLens cannot convert this architecture: {exc}") from None
 
 
+def _open_to_others(folder: Path) -> None:
+    """Modes as the umask allows for `folder` and all in it: mkdtemp makes 0700 and safetensors
+    0600, which would shut other users of a shared cache out."""
+    mask = os.umask(0o022)  # the only portable way to read the umask is to set it
+    os.umask(mask)
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def check_gguf(path: Path) -> None:
     """A one-line error unless `path` is a whole GGUF file: magic bytes, header, tensor table,
     and every tensor's data inside the file."""
@@ -119,6 +128,7 @@ def _convert_to_cache(source: Path, kind: str, sha: str, n_ctx: int, tl_name: st
         meta = dict(source=str(source), sha256=sha, kind=kind, n_ctx=n_ctx,
                     architecture=hf_config.architectures[0], tl_name=tl_name)
         (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+        _open_to_others(staging)
         try:
             os.rename(staging, target)
         except OSError:  # another process won the race; its copy is as good as ours

@@ -169,8 +169,11 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     memo[key] = digest.hexdigest()
-    memo_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(memo_path, json.dumps(memo))
+    try:  # only a speed-up: a shared cache this user cannot write to still works
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(memo_path, json.dumps(memo))
+    except OSError:
+        pass
     return memo[key]
 
 

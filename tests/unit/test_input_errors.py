@@ -273,3 +273,53 @@ def test_whole_gguf_passes_the_check():
     from lensbench.models import shipped_gguf_path
 
     check_gguf(shipped_gguf_path("smollm2-135m"))
+
+
+# --- shared model cache -----------------------------------------------------------------------
+
+
+@pytest.fixture()
+def umask_027():
+    before = os.umask(0o027)
+    yield
+    os.umask(before)
+
+
+def test_converted_cache_folders_follow_the_umask(tmp_path, monkeypatch, tokenizer, umask_027):
+    """Not mkdtemp's 0700: a second user of a shared cache can read the converted model."""
+    import stat
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lensbench import models
+
+    monkeypatch.setenv("LENSBENCH_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny-llama"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                      bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    models.load_model(str(folder), n_ctx=64)
+    (target,) = (tmp_path / "cache" / "models").iterdir()
+    assert stat.S_IMODE(target.stat().st_mode) == 0o750
+    for path in target.rglob("*"):
+        assert stat.S_IMODE(path.stat().st_mode) == (0o750 if path.is_dir() else 0o640), path
+
+
+def test_unwritable_hash_memo_is_not_an_error(tmp_path, monkeypatch):
+    import hashlib
+
+    from lensbench import models
+
+    monkeypatch.setenv("LENSBENCH_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "blob.bin"
+    path.write_bytes(b"lensbench")
+
+    def denied(*args):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(models, "_atomic_write_text", denied)
+    assert models._sha256(path) == hashlib.sha256(b"lensbench").hexdigest()
