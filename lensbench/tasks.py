@@ -5,7 +5,8 @@ A task spec is one of
 - a registered name, optionally with a split: `arc-easy`, `arc-easy:test`, `boolq`, `mmlu:validation`
   (see `TASKS` and `lensbench tasks`);
 - `builtin` (`capitals`): a small task shipped with the package, for the demo and the tests;
-- a path to a JSONL file, one `{"id", "prompt", "choices", "gold"}` object per line.
+- a path to a UTF-8 JSONL file (gzipped or not), one `{"id", "prompt", "choices", "gold"}` object
+  per line, `id` a string or an integer; a file has no `:split`.
 
 A spec may end in `@calib` or `@test`: a deterministic half of the examples (by a hash of the
 example id), so that exit thresholds can be calibrated and tested on disjoint data when a data
