@@ -9,26 +9,25 @@ Specs:
   (`tiny-rotary`, `tiny-learned`, `llama2-7b-shape`), for tests and throughput figures;
 - any TransformerLens official model name (downloads from the hub; needs a network).
 
-Converted models are cached under `$LENSBENCH_CACHE` (default `~/.cache/lensbench`), keyed by
-the sha256 of the source file, and written atomically (a temporary folder renamed into
-place), so an interrupted conversion never leaves a broken cache.
+Converted models (`lensbench.convert`) are cached under `$LENSBENCH_CACHE` (default
+`~/.cache/lensbench`), keyed by the sha256 of the source file, and written atomically (a
+temporary folder renamed into place), so an interrupted conversion never leaves a broken cache.
 """
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from lensbench.convert import _convert_to_cache, _fold_value_biases, _tl_config, cache_root  # noqa: F401
 from lensbench.errors import LensbenchError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -137,10 +136,6 @@ class ModelInfo:
         return dict(self.__dict__)
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("LENSBENCH_CACHE", Path.home() / ".cache" / "lensbench"))
-
-
 def resolve_device(device: str | None) -> str:
     """`None`/"auto" picks CUDA when present; an unavailable device is a user error."""
     if device in (None, "auto"):
@@ -174,8 +169,11 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     memo[key] = digest.hexdigest()
-    memo_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(memo_path, json.dumps(memo))
+    try:  # only a speed-up: a shared cache this user cannot write to still works
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(memo_path, json.dumps(memo))
+    except OSError:
+        pass
     return memo[key]
 
 
@@ -224,92 +222,6 @@ def shipped_gguf_path(name: str) -> Path:
     return path
 
 
-def _tl_config(config_source: str, device: str, n_ctx: int, **kwargs):
-    """TransformerLens's config for a saved HF config folder (or an official name)."""
-    import transformer_lens.loading_from_pretrained as loading
-
-    try:
-        return loading.get_pretrained_model_config(config_source, fold_ln=True, device=device, n_ctx=n_ctx, **kwargs)
-    except NotImplementedError as exc:
-        raise LensbenchError(f"TransformerLens cannot convert this architecture: {exc}") from None
-
-
-def _convert_to_cache(source: Path, kind: str, sha: str, n_ctx: int, tl_name: str | None = None) -> Path:
-    """Convert a GGUF or transformers folder into a cached TransformerLens checkpoint."""
-    # A neutral folder name: TransformerLens picks some architectures from the path's words
-    # ("llama", "gemma-3"), which would bypass the config we saved.
-    target = cache_root() / "models" / f"m-{sha[:16]}-ctx{n_ctx}"
-    if (target / "meta.json").exists():
-        return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    import transformer_lens.loading_from_pretrained as loading
-    from transformer_lens import HookedTransformer
-    from safetensors.torch import save_file
-
-    print(f"lensbench: converting {source.name} to TransformerLens (once; cached in {target.parent})", flush=True)
-    if kind == "gguf":
-        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-        hf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    hf_config = hf_model.config
-    if hasattr(hf_config, "quantization_config"):
-        del hf_config.quantization_config
-    hf_config.architectures = [type(hf_model).__name__]
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
-        hf_dir = staging / "hfconfig"
-        hf_config.save_pretrained(hf_dir)
-        tokenizer.save_pretrained(staging / "tokenizer")
-        config_source = tl_name or str(hf_dir)
-        cfg = _tl_config(config_source, "cpu", n_ctx)
-        state = loading.get_pretrained_state_dict(config_source, cfg, hf_model)
-        # Memory (what lets a 1.5B model convert in 24 GB): the transformers model goes before
-        # the TransformerLens one is built; that one skips its random initialisation (every
-        # parameter is loaded below); and as TransformerLens deep-copies the whole state dict
-        # for each processing step while the caller still holds the original, value biases
-        # are folded in place afterwards rather than by a third copy (same result).
-        del hf_model
-        gc.collect()
-        cfg.init_weights = False
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = HookedTransformer(cfg, tokenizer, move_to_device=False)
-        model.load_and_process_state_dict(
-            state, fold_ln=True, center_writing_weights=False, center_unembed=False,
-            fold_value_biases=False, refactor_factored_attn_matrices=False,
-        )
-        del state
-        _fold_value_biases(model)
-        params = {k: v.contiguous() for k, v in model.named_parameters()}
-        save_file(params, str(staging / "model.safetensors"))
-        meta = dict(source=str(source), sha256=sha, kind=kind, n_ctx=n_ctx,
-                    architecture=hf_config.architectures[0], tl_name=tl_name)
-        (staging / "meta.json").write_text(json.dumps(meta, indent=2))
-        try:
-            os.rename(staging, target)
-        except OSError:  # another process won the race; its copy is as good as ours
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
-
-
-@torch.no_grad()
-def _fold_value_biases(model) -> None:
-    """TransformerLens's `fold_value_biases`, in place: `b_O += Σ_h b_V[h] W_O[h]`, `b_V = 0`
-    (attention patterns sum to one, so the value bias only ever adds that constant)."""
-    for block in model.blocks:
-        attn = block.attn
-        b_v = attn.b_V  # (n_heads, d_head); grouped-query attention repeats its KV-head biases
-        attn.b_O.add_(torch.einsum("hd,hdm->m", b_v.to(attn.W_O.dtype), attn.W_O))
-        (attn._b_V if hasattr(attn, "_b_V") else attn.b_V).zero_()
-
-
 def _load_cached(folder: Path, device: str, dtype: torch.dtype, n_ctx: int, n_devices: int = 1):
     from transformers import AutoTokenizer
     from transformer_lens import HookedTransformer
@@ -349,17 +261,45 @@ def embedded_tokenizer():
     return tokenizer
 
 
-def random_model(preset: str, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32, tokenizer=None):
-    """A randomly initialised HookedTransformer of a preset shape, with the embedded tokenizer."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+def random_model(
+    preset: str, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32, tokenizer=None, n_ctx: int | None = None
+):
+    """A randomly initialised HookedTransformer of a preset shape, with the embedded tokenizer.
 
+    `n_ctx` (default: the preset's) does not change the weights a seed gives: learned position
+    rows past the preset's length come from a generator of their own."""
     if preset not in RANDOM_PRESETS:
         raise LensbenchError(f"unknown random preset '{preset}' (expected one of {', '.join(RANDOM_PRESETS)})")
+    if not 0 <= seed < 2**32:
+        raise LensbenchError(f"random model seed {seed} is out of range (0 to {2**32 - 1})")
+    if n_ctx is not None and n_ctx < 1:
+        raise LensbenchError(f"n_ctx must be positive, got {n_ctx}")
     tokenizer = tokenizer if tokenizer is not None else embedded_tokenizer()
     params = dict(RANDOM_PRESETS[preset])
     params["d_vocab"] = max(params.get("d_vocab", 0), len(tokenizer))  # every token id must embed
+    n_ctx = n_ctx or params["n_ctx"]
+    if n_ctx == params["n_ctx"] or params["positional_embedding_type"] != "standard":
+        return _random_transformer(preset, dict(params, n_ctx=n_ctx), seed, device, dtype, tokenizer)
+    # W_pos's size would shift every later draw: take the preset's weights, then resize W_pos.
+    reference = _random_transformer(preset, params, seed, device, dtype, tokenizer)
+    model = _random_transformer(preset, dict(params, n_ctx=n_ctx), seed, device, dtype, tokenizer, init=False)
+    state = dict(reference.named_parameters())
+    w_pos = state["pos_embed.W_pos"].detach()
+    if n_ctx > w_pos.shape[0]:
+        rows = torch.randn(n_ctx - w_pos.shape[0], w_pos.shape[1], generator=torch.Generator().manual_seed(seed))
+        w_pos = torch.cat([w_pos, (rows * reference.cfg.initializer_range).to(w_pos)])
+    state["pos_embed.W_pos"] = w_pos[:n_ctx]
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(state[name])
+    return model
+
+
+def _random_transformer(preset: str, params: dict, seed: int, device: str, dtype: torch.dtype, tokenizer, init: bool = True):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
     cfg = HookedTransformerConfig(
-        **params, seed=seed, device=device, dtype=dtype,
+        **params, seed=seed, device=device, dtype=dtype, init_weights=init,
         original_architecture=f"random:{preset}", model_name=f"random-{preset}",
     )
     with warnings.catch_warnings():
@@ -385,11 +325,10 @@ def load_model(
     source_sha = None
     if spec.startswith("random:"):
         _, preset, *rest = spec.split(":")
-        try:
-            seed = int(rest[0]) if rest else 0
-        except ValueError:
-            raise LensbenchError(f"bad random model spec '{spec}' (expected random:PRESET[:SEED])") from None
-        model = random_model(preset, seed, device, torch_dtype)
+        if len(rest) > 1 or rest and not (rest[0].isascii() and rest[0].isdigit() and int(rest[0]) < 2**32):
+            raise LensbenchError(f"bad random model spec '{spec}' (expected random:PRESET[:SEED], SEED from 0 to {2**32 - 1})")
+        seed = int(rest[0]) if rest else 0
+        model = random_model(preset, seed, device, torch_dtype, n_ctx=n_ctx)
         source_sha = f"random-{preset}-{seed}"
     elif spec in SHIPPED:
         path = shipped_gguf_path(spec)

