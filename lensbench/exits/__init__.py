@@ -10,12 +10,8 @@ A *policy* turns per-layer confidences (entropies of a lens at readout points
 `min_layer .. L-1`) into an exit layer: the first point whose entropy is below the threshold
 (one global value, or one per layer), else `L`, where the model's own output answers.
 
-| policy | confidence | extra cost per checked layer |
-| --- | --- | --- |
-| `linear-simlens` | Linear SimLens's entropy (SimExit, the paper's) | one map (`map_cost` layer-tokens) |
-| `logit` | the logit lens's entropy (early exit with no extra parameters, arXiv 2412.01455) | none |
-| `simlens` | SimLens's entropy (a better confidence at a higher cost) | the two-token continuation, `2·(L-l)` |
-| `oracle` | none: exits at the first layer from which the answer never changes again (headroom) | none |
+The built-in policies (`linear-simlens` = SimExit, `logit`, `simlens`, `oracle`) and their costs
+are listed in `lensbench.exits.policies`.
 
 The answer at an exit before `L` comes from `answer_lens` (SimLens by default, also `logit`
 or `linear-simlens`). Offline, `simulate_exits` replays a policy from a stored run; online,
