@@ -186,7 +186,7 @@ def test_calibration_never_sees_the_test_split(tmp_path, calib_and_test, monkeyp
         chosen_on.append(set(data.example_index.tolist()))
         return original(data, *args, **kwargs)
 
-    monkeypatch.setattr(exits, "choose_threshold", spy)
+    monkeypatch.setattr(exits.calibration, "choose_threshold", spy)  # where calibrate looks it up
     first = exits.calibrate(calib, test, "logit", "max-drop")
     assert chosen_on == [{0, 1, 2, 3}]  # the calibration run's examples only
     # a completely different test run leaves the threshold where it was
