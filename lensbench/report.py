@@ -57,14 +57,27 @@ def pareto_front(curve: pd.DataFrame) -> pd.DataFrame:
     return ordered.loc[keep]
 
 
+def check_report_options(n_budgets: int, epsilon: float, max_drop: float, answer_lens: str | None) -> None:
+    """Refuse report options that cannot make a report, before any run is read."""
+    if n_budgets < 2:
+        raise LensbenchError(f"--n-budgets must be at least 2: the grid runs from the cheapest point to the full model "
+                             f"(got {n_budgets})")
+    exits.check_targets(epsilon, max_drop)
+    if answer_lens is not None and answer_lens not in exits.ANSWER_LENSES:
+        raise LensbenchError(f"unknown answer lens '{answer_lens}' (expected one of {', '.join(exits.ANSWER_LENSES)})")
+
+
 def build_report(run_path, calib_run=None, *, n_budgets: int = 50, unit: str = "layer-token",
-                 dims: compute.ModelDims | None = None, answer_lens: str = "simlens", min_layer: int = 0,
+                 dims: compute.ModelDims | None = None, answer_lens: str | None = None, min_layer: int = 0,
                  epsilon: float = 0.01, max_drop: float = 0.01, per_layer: bool = False, write: bool = True) -> dict:
     """The report of a run (also written to `RUN/report.json` unless `write=False`).
 
     calib_run: a calibration run (disjoint examples) to add calibrated exit thresholds;
-    unit: layer-token or flop (then `dims`, the model's shape, is needed).
+    unit: layer-token or flop (then `dims`, the model's shape, is needed); answer_lens: the
+    exits' answer lens, refused if the run lacks it (None: SimLens, the exits left out of a run
+    without it).
     """
+    check_report_options(n_budgets, epsilon, max_drop, answer_lens)
     run = run_path if isinstance(run_path, Run) else open_run(run_path)
     if run.status != "complete":
         raise LensbenchError(f"run {run.path} is not complete (status: {run.status}); finish it first")
@@ -72,6 +85,10 @@ def build_report(run_path, calib_run=None, *, n_budgets: int = 50, unit: str = "
                                            "final_decision", "agrees_final", "entropy"])
     examples = run.examples()
     lenses = list(dict.fromkeys(run.manifest.get("lenses") or predictions["lens"].unique()))
+    if answer_lens is not None and answer_lens not in lenses:
+        raise LensbenchError(f"--answer-lens {answer_lens}: run {run.path} has no {answer_lens} lens "
+                             f"(it has {', '.join(lenses)})")
+    answer_lens = answer_lens or "simlens"
     map_cost = exits.run_map_cost(run)
     if map_cost is None and dims is not None:
         map_cost = dims.map_cost
@@ -159,7 +176,7 @@ def format_report(report: dict, max_rows: int = 8) -> str:
             for row in shown:
                 thr = "-" if row["threshold"] is None else f"{row['threshold']:.4g}"
                 lines.append(f"{policy:<15} {thr:>10} {row['accuracy']:>9.3f} {row['fidelity']:>9.3f} "
-                             f"{row['mean_exit_layer']:>9.2f} {row['layer_token_speedup']:>7.2f}x")
+                             f"{row['mean_exit_layer']:>9.2f} {exits.format_speedup(row['layer_token_speedup']):>7}x")
     if report.get("calibrated"):
         lines.append("")
         lines.append("calibrated on " + report["calibrated"][0]["calib_run"] + ", reported on this run")

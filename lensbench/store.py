@@ -17,6 +17,7 @@ leaves a half-written file, and a finished batch is never lost.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import os
 import time
@@ -34,15 +35,35 @@ MANIFEST = "manifest.json"
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # an interrupted or failed write leaves no temporary file behind
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _json_safe(value):
+    """Strict JSON values: NaN and infinities become null (numpy scalars become Python's)."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # a numpy or torch scalar
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    """Strict JSON (no NaN or Infinity tokens, which other readers reject): non-finite floats
+    are written as null, so readers take null for "not defined"."""
+    text = json.dumps(_json_safe(obj), indent=2, sort_keys=False, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def atomic_write_table(path: Path, table: pa.Table) -> None:

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from lensbench import exits
 from lensbench.commands.options import GRAPH_OPTIONS, add_cuda_graphs_arg, add_dtype_arg, batch_sizes
+from lensbench.errors import LensbenchError
 from lensbench.models import load_model
 from lensbench.store import atomic_write_json, open_run
 from lensbench.tasks import pad_token_id
@@ -36,7 +38,42 @@ def add_parser(sub) -> None:
     add_cuda_graphs_arg(p, "the SimLens continuation")
 
 
+def check_output_file(path: str | None, option: str = "--json") -> None:
+    """Refuse, before any compute, an output file that cannot be written: a folder, or a file
+    in a folder that does not exist or is not writable."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise LensbenchError(f"{option} {path} is a folder; give a file name")
+    parent = target.parent
+    if not parent.is_dir():
+        raise LensbenchError(f"{option} {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise LensbenchError(f"{option} {path}: folder {parent} is not writable")
+
+
+def write_json_output(path: str, obj, option: str = "--json") -> None:
+    try:
+        atomic_write_json(Path(path), obj)
+    except OSError as exc:
+        raise LensbenchError(f"{option} {path}: cannot write ({exc.strerror or exc})") from None
+
+
+def check_speed_args(args) -> None:
+    """The timing options: --repeats and --limit of at least 1."""
+    if args.repeats < 1:
+        raise LensbenchError(f"--repeats must be at least 1 (got {args.repeats})")
+    if args.limit is not None and args.limit < 1:
+        raise LensbenchError(f"--limit must be at least 1 (got {args.limit})")
+
+
 def run(args) -> int:
+    exits.check_targets(args.epsilon, args.max_drop)
+    check_speed_args(args)
+    if not args.measure_speed and (args.linear is not None or args.limit is not None):
+        raise LensbenchError("--linear and --limit are options of --measure-speed; add it or leave them out")
+    check_output_file(args.json)
     targets = list(exits.TARGETS) if args.target == "all" else [args.target]
     results = [exits.calibrate(args.calib, args.test, args.policy, t, args.answer_lens, args.min_layer,
                                per_layer=args.per_layer, epsilon=args.epsilon, max_drop=args.max_drop) for t in targets]
@@ -52,12 +89,18 @@ def run(args) -> int:
                                     result["answer_lens"], result["min_layer"], args.linear, pad_id,
                                     GRAPH_OPTIONS[args.cuda_graphs])
             timings = exits.measure_speedup(model, encoded, executor, args.batch_sizes, args.repeats)
+            speedup, batch = exits.headline_speedup(timings)
             result["test"]["timings"] = timings
-            result["test"]["wall_clock_speedup"] = timings[-1]["wall_clock_speedup"]
+            result["test"]["wall_clock_speedup"] = speedup
+            result["test"]["wall_clock_speedup_batch_size"] = batch
+            result["test"]["wall_clock_speedup_by_batch_size"] = {str(t["batch_size"]): t["wall_clock_speedup"]
+                                                                  for t in timings}
+            if args.linear and result["executor"]["linear"] is not None:
+                result["executor"]["linear"] = str(Path(args.linear).resolve())
     for result in results:
         print(exits.format_calibration(result))
         if result["test"].get("timings"):
             print(exits.speed_table(result["test"]["timings"]))
     if args.json:
-        atomic_write_json(Path(args.json), results if len(results) > 1 else results[0])
+        write_json_output(args.json, results if len(results) > 1 else results[0])
     return 0

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from lensbench.commands.options import add_model_args, add_positions_arg, add_site_arg, config_from_args, positive_int
@@ -45,12 +47,23 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = config_from_args(FitConfig, args)
-    lens = fit_from_config(cfg, progress=not args.quiet)
+    try:
+        lens = fit_from_config(cfg, progress=not args.quiet)
+    except KeyboardInterrupt:
+        end_progress = "" if args.quiet else "\n"  # the progress line has no newline of its own
+        print(f"{end_progress}lensbench: interrupted; nothing written to {args.out}", file=sys.stderr)
+        return 130
     c = lens.config
     print(f"{c.kind} for {c.model}: {len(c.layers)} maps, {c.objective}, {c.n_train} train / {c.n_val} held-out examples of {c.task}")
-    print(f"{'layer':>5} {'train':>10} {'held-out':>10} {'identity':>10}")
-    for layer, tr, va, idl in zip(c.layers, c.train_loss, c.val_loss, c.identity_val_loss):
-        print(f"{layer:>5} {tr:>10.4f} {va:>10.4f} {idl:>10.4f}")
+    if c.n_val:
+        print(f"{'layer':>5} {'train':>10} {'held-out':>10} {'identity':>10}")
+        for layer, tr, va, idl in zip(c.layers, c.train_loss, c.val_loss, c.identity_val_loss):
+            print(f"{layer:>5} {tr:>10.4f} {va:>10.4f} {idl:>10.4f}")
+    else:
+        print("held-out: none (n_val=0; too few examples or --val-fraction 0): losses on the training examples")
+        print(f"{'layer':>5} {'train':>10} {'identity':>10}")
+        for layer, tr, idl in zip(c.layers, c.train_loss, c.identity_train_loss):
+            print(f"{layer:>5} {tr:>10.4f} {idl:>10.4f}")
     print(f"time: residuals {c.collect_seconds:.1f} s, fitting {c.fit_seconds:.1f} s, total {c.collect_seconds + c.fit_seconds:.1f} s")
     print(f"lens: {lens.path}")
     return 0

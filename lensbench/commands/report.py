@@ -7,7 +7,7 @@ from pathlib import Path
 from lensbench import exits
 from lensbench.costs import ModelDims
 from lensbench.models import load_model
-from lensbench.report import REPORT_FILE, build_report, format_report
+from lensbench.report import REPORT_FILE, build_report, check_report_options, format_report
 from lensbench.store import open_run
 
 NAME = "report"
@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser(NAME, help="print a run's tables and write RUN/report.json")
     p.add_argument("run", help="a complete run folder")
     p.add_argument("--calib", help="a calibration run (disjoint examples) to add calibrated exit thresholds")
-    p.add_argument("--answer-lens", default="simlens", choices=exits.ANSWER_LENSES)
+    p.add_argument("--answer-lens", choices=exits.ANSWER_LENSES)  # default simlens; explicit: the run must have it
     p.add_argument("--min-layer", type=int, default=0, help="no exit before this readout point")
     p.add_argument("--per-layer", action="store_true", help="calibrate one threshold per layer")
     p.add_argument("--epsilon", type=float, default=0.01, help="fidelity target 1 - epsilon (default 0.01)")
@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    check_report_options(args.n_budgets, args.epsilon, args.max_drop, args.answer_lens)
     dims = None
     unit = "layer-token"
     if args.flops:

@@ -30,10 +30,12 @@ import importlib
 import pkgutil
 
 from lensbench.exits.calibration import (
-    TARGETS, calibrate, check_disjoint, choose_threshold, format_calibration, parse_threshold, per_layer_thresholds,
-    run_map_cost,
+    TARGETS, calibrate, check_disjoint, check_targets, choose_threshold, executor_settings, format_calibration,
+    format_speedup, headline_speedup, load_calibration, parse_threshold, per_layer_thresholds, run_map_cost,
 )
-from lensbench.exits.executor import MAX_GRAPHED_PAIRS, ExecutorResult, SimExitExecutor, executor_for, run_full_model
+from lensbench.exits.executor import (
+    MAX_GRAPHED_PAIRS, ExecutorResult, SimExitExecutor, executor_for, linear_simlens_folder, run_full_model,
+)
 from lensbench.exits.policies import (
     ANSWER_LENSES, NO_EXIT, POLICIES, Policy, executor_policies, get_policy, register_policy,
 )
@@ -48,9 +50,10 @@ for _module in pkgutil.iter_modules(__path__):  # policy modules beyond the buil
 
 __all__ = [
     "ANSWER_LENSES", "MAX_GRAPHED_PAIRS", "NO_EXIT", "POLICIES", "TARGETS", "ExecutorResult", "ExitData", "Policy",
-    "SimExitExecutor", "attainable_speedup", "calibrate", "check_disjoint", "choose_threshold", "curve_of",
-    "default_thresholds", "encoded_examples_of", "executor_for", "executor_policies", "exit_costs", "exit_layers", "format_calibration",
-    "get_policy", "measure_speedup", "operating_curve", "parse_threshold", "per_layer_thresholds", "prepare_exits",
+    "SimExitExecutor", "attainable_speedup", "calibrate", "check_disjoint", "check_targets", "choose_threshold", "curve_of",
+    "default_thresholds", "encoded_examples_of", "executor_for", "executor_policies", "executor_settings", "exit_costs",
+    "exit_layers", "format_calibration", "format_speedup", "get_policy", "headline_speedup", "linear_simlens_folder",
+    "load_calibration", "measure_speedup", "operating_curve", "parse_threshold", "per_layer_thresholds", "prepare_exits",
     "register_policy", "run_full_model", "run_map_cost", "settle_layers", "simulate_exits", "speed_table",
     "threshold_vector",
 ]

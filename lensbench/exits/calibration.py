@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from lensbench.errors import LensbenchError
+from lensbench.exits.executor import linear_simlens_folder
 from lensbench.exits.policies import NO_EXIT, POLICIES
 from lensbench.lenses.linear import CONFIG_FILE
 from lensbench.store import as_run
@@ -110,6 +111,14 @@ def parse_threshold(value) -> float | dict[int, float] | None:
     return None if value is None else float(value)
 
 
+def check_targets(epsilon: float, max_drop: float) -> None:
+    """Refuse a fidelity or max-drop target outside its range (NaN included)."""
+    if not 0 <= epsilon < 1:
+        raise LensbenchError(f"--epsilon must be in [0, 1): the fidelity target is 1 - epsilon (got {epsilon})")
+    if not 0 <= max_drop <= 1:
+        raise LensbenchError(f"--max-drop must be in [0, 1]: an accuracy drop as a fraction (got {max_drop})")
+
+
 def calibrate(calib_run, test_run, policy: str, target: str, answer_lens: str = "simlens", min_layer: int = 0, *,
               per_layer: bool = False, epsilon: float = 0.01, max_drop: float = 0.01, thresholds=None,
               map_cost: float | None = None) -> dict:
@@ -123,6 +132,7 @@ def calibrate(calib_run, test_run, policy: str, target: str, answer_lens: str = 
     """
     if target not in TARGETS:
         raise LensbenchError(f"unknown calibration target '{target}' (expected one of {', '.join(TARGETS)})")
+    check_targets(epsilon, max_drop)
     calib, test = as_run(calib_run), as_run(test_run)
     calib_examples, test_examples = calib.examples(), test.examples()
     check_disjoint(calib_examples, test_examples)
@@ -154,7 +164,66 @@ def calibrate(calib_run, test_run, policy: str, target: str, answer_lens: str = 
         "test_run": str(test.path),
         "calib": calib_metrics,
         "test": test_metrics,
+        "executor": executor_settings(test, policy, answer_lens, map_cost=calib_data.map_cost),
     }
+
+
+def executor_settings(run, policy: str, answer_lens: str, linear_dir: str | None = None,
+                      map_cost: float | None = None) -> dict:
+    """What `lensbench exit-speed --calibration` needs to run a calibrated threshold as the
+    runs were made: the model, the entropy mode and continuation positions of the (test) run,
+    and the Linear SimLens the policy reads (`linear_dir`, else the run's), with its map cost."""
+    config = run.manifest.get("config", {})
+    model = run.manifest.get("model", {})
+    linear = None
+    if POLICIES[policy].needs_linear or answer_lens == "linear-simlens":
+        linear = linear_dir or linear_simlens_folder(run)
+        linear = None if linear is None else str(Path(linear).resolve())
+    return {"model": model.get("spec"), "model_sha256": model.get("source_sha256"),
+            "entropy": config.get("entropy", "candidates"), "positions": config.get("positions", "consecutive"),
+            "linear": linear, "map_cost": map_cost}
+
+
+CALIBRATION_KEYS = ("policy", "threshold", "answer_lens", "min_layer")
+
+
+def load_calibration(path: str | Path) -> dict:
+    """One result written by `lensbench calibrate --json` (the first of a list, which
+    `--target all` writes), checked: a missing, unreadable or foreign file is one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise LensbenchError(f"--calibration {path}: no such file")
+    try:
+        saved = json.loads(path.read_text())
+    except (ValueError, OSError, UnicodeDecodeError):
+        raise LensbenchError(f"--calibration {path} is not JSON (expected the file `lensbench calibrate --json` writes)") from None
+    if isinstance(saved, list) and saved:
+        saved = saved[0]
+    if not isinstance(saved, dict):
+        raise LensbenchError(f"--calibration {path} is not a calibration result (expected `lensbench calibrate --json`'s file)")
+    missing = [key for key in CALIBRATION_KEYS if key not in saved]
+    if missing:
+        raise LensbenchError(f"--calibration {path} lacks {', '.join(missing)} (not written by `lensbench calibrate --json`?)")
+    if saved["policy"] not in POLICIES or POLICIES[saved["policy"]].confidence is None:
+        raise LensbenchError(f"--calibration {path} is for policy '{saved['policy']}', which the executor cannot run")
+    try:
+        saved["threshold"] = parse_threshold(saved["threshold"])
+        if not isinstance(saved["min_layer"], int):
+            raise TypeError
+    except (TypeError, ValueError):
+        raise LensbenchError(f"--calibration {path} has a malformed threshold or min_layer") from None
+    if saved["threshold"] is None:
+        raise LensbenchError(f"--calibration {path} holds no threshold")
+    return saved
+
+
+def headline_speedup(timings: list[dict]) -> tuple[float | None, int | None]:
+    """The headline wall-clock speedup of `measure_speedup`'s rows and its batch size: batch
+    size 1 if timed (one request at a time, what early exit serves), else the smallest."""
+    if not timings:
+        return None, None
+    row = min(timings, key=lambda r: r["batch_size"])
+    return row["wall_clock_speedup"], int(row["batch_size"])
 
 
 def format_calibration(result: dict) -> str:
@@ -162,6 +231,15 @@ def format_calibration(result: dict) -> str:
     thr = result["threshold"]
     thr_text = "per layer" if isinstance(thr, dict) else ("-" if thr is None else f"{thr:.4g}")
     wall = t.get("wall_clock_speedup")
+    wall_text = ""
+    if wall:
+        batch = t.get("wall_clock_speedup_batch_size")
+        wall_text = f", x{wall:.2f} wall-clock" + (f" (batch {batch})" if batch is not None else "")
     return (f"{result['policy']:<15} {result['target']:<14} thr {thr_text:>9} | calib acc {c['accuracy']:.3f} fid {c['fidelity']:.3f} | "
             f"test acc {t['accuracy']:.3f} (full {t['full_accuracy']:.3f}) fid {t['fidelity']:.3f} exit {t['mean_exit_layer']:.2f} "
-            f"x{t['layer_token_speedup']:.2f} layer-token" + (f", x{wall:.2f} wall-clock" if wall else ""))
+            f"x{format_speedup(t['layer_token_speedup'])} layer-token" + wall_text)
+
+
+def format_speedup(value) -> str:
+    """A speedup with two decimals; `inf` for an infinite one (stored as null in JSON)."""
+    return "inf" if value is None or not np.isfinite(value) else f"{value:.2f}"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -14,7 +16,7 @@ from lensbench.continuation import GraphedContinuation, continue_slots, cuda_gra
 from lensbench.errors import LensbenchError
 from lensbench.exits.policies import ANSWER_LENSES, NO_EXIT, POLICIES, executor_policies
 from lensbench.exits.simulate import threshold_vector
-from lensbench.lenses.linear import LinearLens
+from lensbench.lenses.linear import CONFIG_FILE, LinearLens
 from lensbench.readout import ReadoutPoint, block_device, pad_candidates, pad_right, unembed
 from lensbench.readout import entropy as readout_entropy
 from lensbench.tasks import make_batches
@@ -233,17 +235,24 @@ def run_full_model(model, encoded, batch_size: int = 8, pad_id: int = 0) -> list
     return decisions
 
 
+def linear_simlens_folder(run) -> str | None:
+    """The first Linear SimLens folder among a stored run's `--linear` folders (None if none)."""
+    for folder in (run.manifest.get("config", {}).get("linear") or []) if run is not None else []:
+        try:
+            if json.loads((Path(folder) / CONFIG_FILE).read_text()).get("kind") == "linear-simlens":
+                return folder
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
+
+
 def executor_for(model, run, policy, threshold, answer_lens, min_layer, linear_dir, pad_id, cuda_graphs=None):
     """The executor for a stored run's options (its Linear SimLens unless `linear_dir`)."""
     linear = None
     if POLICIES[policy].needs_linear or answer_lens == "linear-simlens":
-        folder = linear_dir
+        folder = linear_dir or linear_simlens_folder(run)
         if folder is None:
-            folders = (run.manifest.get("config", {}).get("linear") or []) if run is not None else []
-            kinds = [f for f in folders if LinearLens.load(f).config.kind == "linear-simlens"]
-            if not kinds:
-                raise LensbenchError("the linear-simlens policy needs --linear DIR")
-            folder = kinds[0]
+            raise LensbenchError("the linear-simlens policy needs --linear DIR")
         linear = LinearLens.load(folder)
     entropy = run.manifest.get("config", {}).get("entropy", "candidates") if run is not None else "candidates"
     positions = run.manifest.get("config", {}).get("positions", "consecutive") if run is not None else "consecutive"

@@ -166,12 +166,18 @@ def simulate_exits(predictions: pd.DataFrame, examples: pd.DataFrame, policy: st
     return _simulate(data, threshold)
 
 
+def speedup_ratio(full_cost: float, cost: float) -> float:
+    """`full_cost / cost`; infinite where the exits cost nothing in layer-tokens (every
+    example answered by the logit lens at layer 0: no block ran)."""
+    return float(full_cost / cost) if cost > 0 else float("inf")
+
+
 def _summary(sim: pd.DataFrame, n_layers: int) -> dict:
     return {
         "accuracy": float(sim["correct"].mean()),
         "fidelity": float(sim["agrees_final"].mean()),
         "mean_exit_layer": float(sim["exit_layer"].mean()),
-        "layer_token_speedup": float(sim["full_cost"].sum() / sim["cost"].sum()),
+        "layer_token_speedup": speedup_ratio(sim["full_cost"].sum(), sim["cost"].sum()),
         "exit_rate": float((sim["exit_layer"] < n_layers).mean()),
         "mean_cost": float(sim["cost"].mean()),
         "n_examples": int(len(sim)),

@@ -7,6 +7,7 @@ defines the objectives; `lensbench.lenses.linear` holds the lens and its folder 
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -66,10 +67,14 @@ class FitConfig:
             raise LensbenchError(f"--objective must be one of {', '.join(OBJECTIVES)} (got {self.objective})")
         if self.init not in INITS:
             raise LensbenchError(f"--init must be lstsq or identity (got {self.init})")
-        if not 0 <= self.val_fraction < 1:
+        if not 0 <= self.val_fraction < 1:  # also refuses NaN
             raise LensbenchError(f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
-        if self.steps < 0 or self.lr <= 0 or self.fit_batch < 1 or self.ridge < 0 or self.weight_decay < 0:
-            raise LensbenchError("--steps, --ridge and --weight-decay must be >= 0, --lr > 0 and --fit-batch >= 1")
+        for option, value, low, strict in (("--lr", self.lr, 0.0, True), ("--ridge", self.ridge, 0.0, False),
+                                           ("--weight-decay", self.weight_decay, 0.0, False)):
+            if not math.isfinite(value) or value < low or (strict and value == low):
+                raise LensbenchError(f"{option} must be a finite number {'>' if strict else '>='} 0 (got {value})")
+        if self.steps < 0 or self.fit_batch < 1:
+            raise LensbenchError("--steps must be >= 0 and --fit-batch >= 1")
         if self.limit is not None and self.limit < 2:
             raise LensbenchError("--limit must be at least 2")
 
@@ -263,6 +268,11 @@ def fit_affine(model, sources: Float[Tensor, "n d_model"], targets: Float[Tensor
     return (delta.detach() + eye).cpu(), shift.detach().cpu()
 
 
+def held_out_count(n: int, val_fraction: float) -> int:
+    """Examples held out of `n` to report the fit loss (none below 4 examples)."""
+    return int(round(n * val_fraction)) if n >= 4 else 0
+
+
 def fit_linear_lens(model, model_info, data: FitData, cfg: FitConfig, progress: bool = False) -> LinearLens:
     """Fit one map per readout layer on `data`; the config records losses and options."""
 
@@ -270,7 +280,7 @@ def fit_linear_lens(model, model_info, data: FitData, cfg: FitConfig, progress: 
     n = data.sources.shape[1]
     generator = torch.Generator().manual_seed(cfg.seed)
     perm = torch.randperm(n, generator=generator)
-    n_val = int(round(n * cfg.val_fraction)) if n >= 4 else 0
+    n_val = held_out_count(n, cfg.val_fraction)
     val, train = perm[:n_val], perm[n_val:]
     readout = _Readout(model, model.cfg.device)
     weights, biases, train_loss, val_loss, identity_loss = [], [], [], [], []
@@ -290,7 +300,7 @@ def fit_linear_lens(model, model_info, data: FitData, cfg: FitConfig, progress: 
             return _eval_loss(readout, objective, w.to(dev), b.to(dev), src[rows].to(dev), tgt[rows].to(dev),
                               args[0][rows].to(dev), args[1][rows].to(dev))
         train_loss.append(loss_on(train, weight, bias))
-        val_loss.append(loss_on(val, weight, bias))
+        val_loss.append(loss_on(val, weight, bias) if n_val else None)  # nothing held out: no held-out loss
         identity_loss.append(loss_on(val if n_val else train, eye, zero))
         weights.append(weight)
         biases.append(bias)
@@ -309,7 +319,8 @@ def fit_linear_lens(model, model_info, data: FitData, cfg: FitConfig, progress: 
         layers=list(data.layers), task=cfg.task_spec(), n_train=len(train), n_val=n_val,
         example_ids_sha256=hashlib.sha256("\n".join(sorted(data.example_ids)).encode()).hexdigest(),
         map_cost=dims.map_cost, dims=dims.to_dict(), fit=asdict(cfg), train_loss=train_loss, val_loss=val_loss,
-        identity_val_loss=identity_loss, fit_seconds=fit_seconds, versions=versions(), created=now(),
+        identity_val_loss=identity_loss if n_val else [None] * len(identity_loss),
+        identity_train_loss=None if n_val else identity_loss, fit_seconds=fit_seconds, versions=versions(), created=now(),
     )
     return LinearLens(torch.stack(weights), torch.stack(biases), config)
 
@@ -319,6 +330,8 @@ def fit_from_config(cfg: FitConfig, model=None, model_info=None, progress: bool 
 
     cfg.validate()
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise LensbenchError(f"--out {out} is a file; give a folder")
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise LensbenchError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
     spec = cfg.task_spec()
@@ -331,6 +344,9 @@ def fit_from_config(cfg: FitConfig, model=None, model_info=None, progress: bool 
     encoded, skipped = encode_examples(examples, model.tokenizer, start_id, model.cfg.n_ctx, cfg.skip_invalid)
     if len(encoded) < 2:
         raise LensbenchError(f"fitting needs at least 2 examples; {spec} gave {len(encoded)}")
+    if held_out_count(len(encoded), cfg.val_fraction) >= len(encoded):
+        raise LensbenchError(f"--val-fraction {cfg.val_fraction} holds out all {len(encoded)} examples of {spec}; "
+                             "leave some to fit on")
     points = readout_points(model, cfg.site)
     pad_id = pad_token_id(model.tokenizer, start_id)
     started = time.perf_counter()
@@ -340,6 +356,7 @@ def fit_from_config(cfg: FitConfig, model=None, model_info=None, progress: bool 
     lens.config.collect_seconds = collect_seconds
     if skipped:
         lens.config.fit["skipped"] = len(skipped)
+    lens.refuse_nonfinite(out)  # before an old lens is removed
     if out.exists() and cfg.overwrite:
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             (out / name).unlink(missing_ok=True)

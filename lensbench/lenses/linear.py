@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -74,8 +74,9 @@ class LinearLensConfig:
     dims: dict | None = None
     fit: dict = field(default_factory=dict)  # the FitConfig
     train_loss: list[float] = field(default_factory=list)
-    val_loss: list[float] = field(default_factory=list)
-    identity_val_loss: list[float] = field(default_factory=list)
+    val_loss: list[float | None] = field(default_factory=list)  # None per layer when nothing was held out
+    identity_val_loss: list[float | None] = field(default_factory=list)
+    identity_train_loss: list[float] | None = None  # the identity's loss on the training examples (n_val = 0 only)
     collect_seconds: float = 0.0
     fit_seconds: float = 0.0
     versions: dict = field(default_factory=dict)
@@ -208,32 +209,97 @@ class LinearLens(Lens):
         if gap > PROBE_TOLERANCE * rms or abs(norm - cfg.unembed_norm) > PROBE_TOLERANCE * cfg.unembed_norm:
             raise LensbenchError(f"linear lens{where} was fitted for {cfg.model}: this model's unembedding differs (refit the lens)")
 
+    def nonfinite_layers(self) -> list[int]:
+        """The readout layers whose map has a NaN or infinite weight or bias."""
+        bad = ~(torch.isfinite(self.weight).flatten(1).all(1) & torch.isfinite(self.bias).all(1))
+        return [self.config.layers[i] for i in torch.nonzero(bad).flatten().tolist()]
+
+    def refuse_nonfinite(self, path: str | Path) -> None:
+        """Refuse to write a lens whose maps hold NaN or infinite values (a diverged fit)."""
+        bad = self.nonfinite_layers()
+        if bad:
+            raise LensbenchError(f"the fitted maps of layer(s) {', '.join(map(str, bad))} have NaN or infinite weights; "
+                                 f"nothing written to {path} (lower --lr, or raise --ridge / --weight-decay)")
+
     def save(self, path: str | Path) -> Path:
+        """Write `lens.safetensors` and `config.json` to `path`; a lens with non-finite
+        weights is refused (nothing written), and an interrupted save removes what it wrote."""
         from lensbench import store
 
         path = Path(path)
+        self.refuse_nonfinite(path)
+        created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
-        store.atomic_write_tensors(path / WEIGHTS_FILE, {"weight": self.weight.cpu(), "bias": self.bias.cpu()})
-        store.atomic_write_json(path / CONFIG_FILE, self.config.to_dict())
+        written = []
+        try:
+            for name, write, value in (
+                (WEIGHTS_FILE, store.atomic_write_tensors, {"weight": self.weight.cpu(), "bias": self.bias.cpu()}),
+                (CONFIG_FILE, store.atomic_write_json, self.config.to_dict()),  # last: it marks a complete lens
+            ):
+                written.append(path / name)
+                write(path / name, value)
+        except BaseException:
+            for file in written:
+                file.unlink(missing_ok=True)
+            if created:
+                try:
+                    path.rmdir()
+                except OSError:
+                    pass
+            raise
         return path
 
     @classmethod
     def load(cls, path: str | Path, name: str | None = None) -> "LinearLens":
+        """A fitted lens folder; a folder that is not one, or is damaged, is one clear error."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         path = Path(path)
-        if not (path / CONFIG_FILE).exists() or not (path / WEIGHTS_FILE).exists():
+        if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
             raise LensbenchError(f"{path} is not a fitted linear lens (expected {CONFIG_FILE} and {WEIGHTS_FILE}; see `lensbench fit-linear`)")
         try:
             data = json.loads((path / CONFIG_FILE).read_text())
-        except ValueError:
+        except (ValueError, OSError):
             raise LensbenchError(f"{path / CONFIG_FILE} is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise LensbenchError(f"{path / CONFIG_FILE} is not a linear lens config (expected a JSON object)")
         if data.get("format_version") != FORMAT_VERSION:
             raise LensbenchError(f"linear lens {path} has format version {data.get('format_version')}; this lensbench reads {FORMAT_VERSION}")
-        config = LinearLensConfig.from_dict(data)
-        tensors = load_file(str(path / WEIGHTS_FILE))
+        config = _config_of(path, data)
+        try:
+            tensors = load_file(str(path / WEIGHTS_FILE))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise LensbenchError(f"linear lens {path}: {WEIGHTS_FILE} is damaged or truncated ({exc}); refit it") from None
+        shapes = {"weight": (len(config.layers), config.d_model, config.d_model), "bias": (len(config.layers), config.d_model)}
+        for key, shape in shapes.items():
+            if key not in tensors:
+                raise LensbenchError(f"linear lens {path}: {WEIGHTS_FILE} has no '{key}' tensor; refit it")
+            if tuple(tensors[key].shape) != shape:
+                raise LensbenchError(f"linear lens {path}: '{key}' has shape {tuple(tensors[key].shape)}, "
+                                     f"its config says {shape}; refit it")
         kind_class = LENSES.get(config.kind, cls)  # the registered class of its kind
-        return kind_class(tensors["weight"], tensors["bias"], config, name=name, path=str(path))
+        lens = kind_class(tensors["weight"], tensors["bias"], config, name=name, path=str(path))
+        bad = lens.nonfinite_layers()
+        if bad:
+            raise LensbenchError(f"linear lens {path} has NaN or infinite weights at layer(s) {', '.join(map(str, bad))}; refit it")
+        return lens
+
+
+def _config_of(path: Path, data: dict) -> LinearLensConfig:
+    """`LinearLensConfig` from a config.json's object, naming what is missing or malformed."""
+    required = [f.name for f in fields(LinearLensConfig)
+                if f.default is MISSING and f.default_factory is MISSING]
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise LensbenchError(f"linear lens {path}: {CONFIG_FILE} lacks {', '.join(missing)}; refit it")
+    if data["kind"] not in KINDS:
+        raise LensbenchError(f"linear lens {path}: unknown kind '{data['kind']}' in {CONFIG_FILE} (expected {' or '.join(KINDS)})")
+    layers, d_model = data["layers"], data["d_model"]
+    if (not isinstance(layers, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)
+            or not isinstance(d_model, int) or isinstance(d_model, bool) or d_model < 1):
+        raise LensbenchError(f"linear lens {path}: {CONFIG_FILE} has malformed 'layers' or 'd_model'; refit it")
+    return LinearLensConfig.from_dict(data)
 
 
 def load_linear_lenses(dirs: list[str], kind: str = "linear-simlens") -> list[Lens]:

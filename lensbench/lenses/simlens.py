@@ -72,6 +72,9 @@ class SimLens(Lens):
             if src.kind == "mean":
                 self._means = ctx.slot_means()
             if src.kind == "swap":
+                if len(ctx.examples) < 2:
+                    raise LensbenchError(f"ablation '{self.ablation.label}': a swap needs at least 2 examples "
+                                         f"(the run has {len(ctx.examples)}); an example cannot be its own donor")
                 order = sorted(ctx.examples)
                 generator = torch.Generator().manual_seed(int(src.arg))
                 perm = [order[i] for i in torch.randperm(len(order), generator=generator).tolist()]

@@ -27,9 +27,21 @@ def _differences(expected, actual, where: str = "") -> list[str]:
             else:
                 out.extend(_differences(value, actual[key], f"{where}/{key}"))
         return out
+    if isinstance(expected, list) and isinstance(actual, list) and len(expected) == len(actual):
+        # element by element, so that the objects of a list (calibration results) may add fields too
+        return [d for i, (e, a) in enumerate(zip(expected, actual)) for d in _differences(e, a, f"{where}[{i}]")]
     if expected != actual:
         return [f"{where}: {json.dumps(expected)[:120]} != {json.dumps(actual)[:120]}"]
     return []
+
+
+def test_differences_allow_new_fields_only():
+    expected = {"a": [{"x": 1.5, "y": [1, 2]}], "b": 0.1}
+    assert _differences(expected, {"a": [{"x": 1.5, "y": [1, 2], "new": None}], "b": 0.1, "c": 2}) == []
+    assert _differences(expected, {"a": [{"x": 1.5000000001, "y": [1, 2]}], "b": 0.1}) == ["/a[0]/x: 1.5 != 1.5000000001"]
+    assert _differences(expected, {"a": [{"x": 1.5, "y": [1, 2, 3]}], "b": 0.1})
+    assert _differences(expected, {"a": [{"y": [1, 2]}], "b": 0.1}) == ["/a[0]/x: missing"]
+    assert _differences(expected, {"a": [], "b": 0.1})
 
 
 @pytest.mark.slow
