@@ -5,6 +5,8 @@ from __future__ import annotations
 import streamlit as st
 
 from app import data, ui
+import numpy as np
+
 from lensbench import exits, plotting
 from lensbench.errors import LensbenchError
 
@@ -54,7 +56,8 @@ sim = data.simulated_exits(path, stamp, policy, answer_lens, min_layer, tau)
 m = st.columns(5)
 m[0].metric("accuracy", f"{point['accuracy']:.3f}", f"{(point['accuracy'] - summary['final_accuracy']) * 100:+.1f} pts vs full")
 m[1].metric("fidelity", f"{point['fidelity']:.3f}")
-m[2].metric("speedup (layer-tokens)", f"{point['layer_token_speedup']:.2f}×")
+speed = point["layer_token_speedup"]
+m[2].metric("speedup (layer-tokens)", f"{speed:.2f}×" if speed is not None and np.isfinite(speed) else "∞ (no block run)")
 m[3].metric("mean exit layer", f"{point['mean_exit_layer']:.1f}")
 m[4].metric("exit rate", f"{point['exit_rate']:.2f}")
 

@@ -21,8 +21,15 @@ from lensbench.errors import LensbenchError
 COMMANDS = [eval_command, tasks, models, fit_linear, report, calibrate, exit_speed]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with lensbench's one-line errors (no usage block): `lensbench: error: ...`, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"lensbench: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lensbench", description="Latent predictions of LM layers, SimLens and early exit.")
+    parser = Parser(prog="lensbench", description="Latent predictions of LM layers, SimLens and early exit.")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.add_parser(sub)

@@ -366,3 +366,22 @@ def test_exit_speed_with_every_exit_at_layer_0_answered_by_the_logit_lens(tmp_pa
     (row,) = _strict(out.read_text())
     assert row["mean_exit_layer"] == 0 and row["layer_token_speedup"] is None
     assert row["attainable_wall_clock_speedup"] is None
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ("eval --limit 0 --out x", "argument --limit: expected a positive integer, got 0"),
+    ("eval --batch-size x --out x", "argument --batch-size: expected an integer, got 'x'"),
+    ("eval", "the following arguments are required: --out"),
+    ("fit-linear --out x --dtype float64", "argument --dtype: invalid choice: 'float64'"),
+    ("calibrate --calib a --test b --policy nope", "argument --policy: invalid choice: 'nope'"),
+    ("nope", "argument command: invalid choice: 'nope'"),
+])
+def test_an_option_the_parser_refuses_is_one_line(line, fragment, capsys):
+    """argparse's own checks too: one line naming the help to read, no usage block."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(line.split())
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lensbench: error: ") and fragment in lines[0], err
+    assert "--help`" in lines[0]
