@@ -98,14 +98,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_local(argv: list[str], num_processes: int) -> int:
-    """Run `python -m lensbench ARGV` in `num_processes` local processes (torchrun); the exit status."""
+def launch_local(argv: list[str], num_processes: int, threads: int) -> int:
+    """Run `python -m lensbench ARGV --threads THREADS` in `num_processes` local processes
+    (torchrun); the exit status. Every worker computes with `threads` intra-op threads, the
+    count of the single-process run it must equal (the cores are oversubscribed N times)."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(num_processes),
-        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "lensbench", *argv,
+        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+        "-m", "lensbench", *argv, "--threads", str(threads),
     ]
-    env = dict(os.environ)
-    # N processes share the cores: without this each would start one thread per core.
-    if "OMP_NUM_THREADS" not in env and "cuda" not in " ".join(argv):
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // num_processes))
+    # Also for the libraries that read it (and so that torchrun does not set it to 1).
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     return subprocess.call(cmd, env=env)

@@ -30,15 +30,20 @@ def _cli(out, *extra) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_two_process_run_equals_single_process_run(tmp_path):
+    """Two threads on both sides (whatever the machine's cores): the workers compute with the
+    launcher's --threads, not with the OMP_NUM_THREADS=1 of their environment, so the tables
+    agree bit for bit."""
     model, info = load_model(ARGS["model"])
-    single = run_eval(EvalConfig(out=str(tmp_path / "single"), batch_size=3, **ARGS), model, info, progress=False)
+    single = run_eval(EvalConfig(out=str(tmp_path / "single"), batch_size=3, threads=2, **ARGS), model, info,
+                      progress=False)
 
     sharded = tmp_path / "sharded"
-    proc = _cli(sharded, "--num-processes", "2")
+    proc = _cli(sharded, "--num-processes", "2", "--threads", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     manifest = json.loads((sharded / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["processes"] == 2
+    assert manifest["threads"] == 2 and json.loads((single / "manifest.json").read_text())["threads"] == 2
     assert manifest["fingerprint"] == json.loads((single / "manifest.json").read_text())["fingerprint"]
     # 10 examples in batches of 3: 4 parts, two written by each rank
     assert len(list((sharded / "parts").glob("part-*.parquet"))) == 4
