@@ -13,6 +13,7 @@ from lensbench.commands.options import (
 from lensbench.errors import LensbenchError
 from lensbench.lenses import LENS_NAMES
 from lensbench.metrics import format_table
+from lensbench.models import resolve_device
 from lensbench.runner import ENTROPY_MODES, EvalConfig, run_eval
 from lensbench.store import open_run
 
@@ -52,11 +53,19 @@ def add_parser(sub) -> None:
 
 
 def _launch(args) -> int:
-    """`--num-processes N`: start the workers with this process's thread count."""
-    threads = args.threads or torch.get_num_threads()
+    """`--num-processes N`: check here what can be checked (once, not by every worker), then
+    start the workers with this process's thread count."""
+    cfg = config_from_args(EvalConfig, args)
+    cfg.validate()
+    resolve_device(cfg.device)
+    threads = cfg.threads or torch.get_num_threads()
     # The last occurrence of an option wins (also over an abbreviation such as --num-proc).
     argv = ["eval", *args.argv, "--num-processes", "1"]
-    return distributed.launch_local(argv, args.num_processes, threads)
+    try:
+        return distributed.launch_local(argv, args.num_processes, threads)
+    except KeyboardInterrupt:
+        print(f"lensbench: interrupted; finished batches are kept in {args.out}. Run the same command to resume.", file=sys.stderr)
+        return 130
 
 
 def run(args) -> int:
