@@ -9,6 +9,7 @@ interrupted run resumes where it stopped and ends with the same files.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -62,6 +63,9 @@ class EvalConfig:
     max_batch_size: int = 64  # the batch plan's size under batch_size="auto"
     n_devices: int = 1  # GPUs one model's blocks are split across (TransformerLens's n_devices)
     cuda_graphs: str = "auto"  # SimLens continuations from CUDA graphs: auto (on for one CUDA device), on, off
+    # torch's intra-op CPU threads during the run (None: torch's current count). Float sums are
+    # split by thread, so results are bit-identical only at the same count; not in the identity.
+    threads: int | None = None
 
     def validate(self) -> None:
         if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size < 1):
@@ -78,6 +82,8 @@ class EvalConfig:
             raise LensbenchError(f"--entropy must be one of {', '.join(ENTROPY_MODES)} (got {self.entropy})")
         if self.mean_examples < 1:
             raise LensbenchError("--mean-examples must be at least 1")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise LensbenchError(f"--threads must be a positive integer (got {self.threads})")
         if self.cuda_graphs not in ("auto", "on", "off"):
             raise LensbenchError(f"--cuda-graphs must be auto, on or off (got {self.cuda_graphs})")
         if self.cuda_graphs == "on" and (not str(self.device).startswith("cuda") or self.n_devices > 1):
@@ -111,6 +117,24 @@ def _sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _with_threads(run):
+    """`run(cfg, ...)` with `cfg.threads` intra-op threads (set before any compute); the caller's
+    count is restored afterwards."""
+
+    @functools.wraps(run)
+    def wrapper(cfg: EvalConfig, *args, **kwargs):
+        before = torch.get_num_threads()
+        if cfg.threads is not None:
+            cfg.validate()
+            torch.set_num_threads(cfg.threads)
+        try:
+            return run(cfg, *args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper
 
 
 def prepare(cfg: EvalConfig, model=None, model_info: ModelInfo | None = None):
@@ -168,6 +192,7 @@ def _open_run_folder(cfg: EvalConfig, out: Path, fp: str) -> tuple[str, dict]:
     return "new", {}
 
 
+@_with_threads
 def run_eval(
     cfg: EvalConfig, model=None, model_info: ModelInfo | None = None, progress: bool = True, dist: Dist | None = None
 ) -> Path:
@@ -207,6 +232,7 @@ def run_eval(
                 "skipped": skipped,
                 "batch_plan": plan,
                 "processes": dist.world,
+                "threads": torch.get_num_threads(),
                 "versions": store.versions(),
                 "started": old.get("started", store.now()),
             }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+import torch
+
 from lensbench import distributed
 from lensbench.commands.options import (
     add_cuda_graphs_arg, add_model_args, add_positions_arg, add_site_arg, batch_size, config_from_args, positive_int,
@@ -11,6 +13,7 @@ from lensbench.commands.options import (
 from lensbench.errors import LensbenchError
 from lensbench.lenses import LENS_NAMES
 from lensbench.metrics import format_table
+from lensbench.models import resolve_device
 from lensbench.runner import ENTROPY_MODES, EvalConfig, run_eval
 from lensbench.store import open_run
 
@@ -32,6 +35,10 @@ def add_parser(sub) -> None:
     p.add_argument("--num-processes", type=positive_int, default=1,
                    help="shard the examples across N local processes (one per GPU with --device cuda); "
                         "`accelerate launch -m lensbench eval ...` does the same across nodes")
+    p.add_argument("--threads", type=positive_int,
+                   help="torch's intra-op CPU threads (default: torch's count in this process); numbers are "
+                        "bit-identical only at the same thread count, so each --num-processes worker gets this "
+                        "count too (the CPU is then oversubscribed N times)")
     p.add_argument("--n-devices", type=positive_int, default=1, help="split one model's blocks across N GPUs (TransformerLens)")
     add_cuda_graphs_arg(p)
     p.add_argument("--start-token", help="text of the start token [s] (default: BOS, else EOS)")
@@ -45,17 +52,20 @@ def add_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _without_option(argv: list[str], name: str) -> list[str]:
-    """`argv` less `--name VALUE` / `--name=VALUE`."""
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == name:
-            skip = True
-        elif not arg.startswith(name + "="):
-            kept.append(arg)
-    return kept
+def _launch(args) -> int:
+    """`--num-processes N`: check here what can be checked (once, not by every worker), then
+    start the workers with this process's thread count."""
+    cfg = config_from_args(EvalConfig, args)
+    cfg.validate()
+    resolve_device(cfg.device)
+    threads = cfg.threads or torch.get_num_threads()
+    # The last occurrence of an option wins (also over an abbreviation such as --num-proc).
+    argv = ["eval", *args.argv, "--num-processes", "1"]
+    try:
+        return distributed.launch_local(argv, args.num_processes, threads)
+    except KeyboardInterrupt:
+        print(f"lensbench: interrupted; finished batches are kept in {args.out}. Run the same command to resume.", file=sys.stderr)
+        return 130
 
 
 def run(args) -> int:
@@ -64,7 +74,7 @@ def run(args) -> int:
             raise LensbenchError("--num-processes inside a launched process group: use one or the other")
         if args.n_devices > 1:
             raise LensbenchError("--num-processes and --n-devices cannot be combined")
-        return distributed.launch_local(["eval", *_without_option(args.argv, "--num-processes")], args.num_processes)
+        return _launch(args)
     dist = distributed.init(args.device)
     cfg = config_from_args(EvalConfig, args, device=distributed.rank_device(args.device, dist))
     try:
