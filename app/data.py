@@ -92,14 +92,12 @@ def disagreements(path: str, stamp: int, lens_a: str, lens_b: str) -> pd.Series:
 
 @st.cache_data(show_spinner="Computing Iso-Compute curves…", max_entries=32)
 def iso_compute(path: str, stamp: int, lenses: tuple[str, ...]) -> dict:
-    """`compute.iso_compute_curve` per lens, the full model's cost and, with both lenses, the
-    SimLens-over-logit gain."""
-    predictions, ex = light_predictions(path, stamp), examples(path, stamp)
-    curves = {lens: compute.iso_compute_curve(predictions, lens, examples=ex) for lens in lenses}
-    gain = None
-    if "simlens" in lenses and "logit" in lenses:
-        gain = compute.iso_compute_gain(predictions, "simlens", "logit", examples=ex)["gain"]
-    return {"curves": curves, "full_cost": compute.full_cost(predictions, ex), "gain": gain}
+    """The report's Iso-Compute numbers (`compute.iso_compute_tables`, at the run's map cost):
+    the curve per lens, the full model's cost and, with both lenses, the SimLens-over-logit gain."""
+    tables = compute.iso_compute_tables(light_predictions(path, stamp), examples(path, stamp), list(lenses),
+                                        map_cost=map_cost(path, stamp))
+    gain = tables["gains"].get("simlens_vs_logit")
+    return {"curves": tables["curves"], "full_cost": tables["full_cost"], "gain": None if gain is None else gain["gain"]}
 
 
 @st.cache_data(show_spinner=False, max_entries=16)

@@ -135,3 +135,25 @@ def iso_compute_gain(run, lens: str = "simlens", baseline: str = "logit", n_budg
         "full_cost": full,
         "n_examples": int(predictions["example_index"].nunique()),
     }
+
+
+def iso_compute_tables(predictions: pd.DataFrame, examples: pd.DataFrame, lenses, *, map_cost: float | None = None,
+                       n_budgets: int = 50, unit: str = "layer-token", dims: ModelDims | None = None) -> dict:
+    """A run's Iso-Compute numbers, computed once for `lensbench report` and the app alike.
+
+    Returns `unit`; `curves`: `iso_compute_curve` of each of `lenses` that has a cost model;
+    `gains`: `{"simlens_vs_logit": iso_compute_gain(...)}` when `lenses` has both; `full_cost`.
+    map_cost: the run's Linear SimLens map cost (`exits.run_map_cost`; default 1/12).
+    """
+    curves = {}
+    for lens in lenses:
+        try:
+            curves[lens] = iso_compute_curve(predictions, lens, examples=examples, n_budgets=n_budgets, unit=unit,
+                                             dims=dims, map_cost=map_cost)
+        except LensbenchError:
+            continue
+    gains = {}
+    if "simlens" in lenses and "logit" in lenses:
+        gains["simlens_vs_logit"] = iso_compute_gain(predictions, "simlens", "logit", n_budgets, examples=examples,
+                                                     unit=unit, dims=dims, map_cost=map_cost)
+    return {"unit": unit, "curves": curves, "gains": gains, "full_cost": full_cost(predictions, examples, unit, dims)}

@@ -29,6 +29,7 @@ class BatchResult:
     columns: dict[str, list]
     attention_sum: torch.Tensor | None = None  # (point, block, head)
     attention_count: torch.Tensor | None = None  # (point, block)
+    attention_lens: str | None = None  # the lens whose output had the attention
 
 
 @torch.inference_mode()
@@ -68,13 +69,14 @@ def evaluate_batch(
     cand_ids, cand_mask = pad_candidates([e.candidate_ids for e in batch], out_device)
     final_decision = final_logits.gather(1, cand_ids).masked_fill(~cand_mask, -torch.inf).argmax(-1)
 
-    attention_sum = attention_count = None
+    attention_sum = attention_count = attention_lens = None
     vocab = model.cfg.d_vocab_out
     chunk = max(1, int(3e7 // (b * vocab)))  # bound the (point, batch, vocab) logits in memory
     per_lens = []  # (decision, entropy, candidate logprobs, top-k probs, top-k ids), each (point, b, ...)
     for lens in lenses:
         output = lens.final_residuals(lens_batch)
         if output.attention is not None:
+            attention_lens = attention_lens or lens.name
             att = output.attention.float()
             valid = ~torch.isnan(att)
             sums = torch.where(valid, att, torch.zeros_like(att)).sum(1)
@@ -109,7 +111,7 @@ def evaluate_batch(
         attention_sum, attention_count = attention_sum.cpu(), attention_count.cpu()
     return BatchResult(
         _batch_columns(model.tokenizer, lenses, points, batch, decision, ent, cand_lp, top_p, top_i, final_np),
-        attention_sum, attention_count,
+        attention_sum, attention_count, attention_lens,
     )
 
 
@@ -235,7 +237,8 @@ def merge_results(results: list[BatchResult]) -> BatchResult:
     columns = {k: [v for r in results for v in r.columns[k]] for k in results[0].columns}
     sums = [r.attention_sum for r in results if r.attention_sum is not None]
     counts = [r.attention_count for r in results if r.attention_count is not None]
-    return BatchResult(columns, sum(sums) if sums else None, sum(counts) if counts else None)
+    lens = next((r.attention_lens for r in results if r.attention_lens is not None), None)
+    return BatchResult(columns, sum(sums) if sums else None, sum(counts) if counts else None, lens)
 
 
 def evaluate_with_backoff(

@@ -109,18 +109,10 @@ def build_report(run_path, calib_run=None, *, n_budgets: int = 50, unit: str = "
                            ("model dims" if map_cost is not None else "default (1/12)"),
     }
 
-    iso: dict = {"unit": unit, "curves": {}, "gains": {}}
-    for lens in lenses:
-        try:
-            curve = compute.iso_compute_curve(predictions, lens, examples=examples, n_budgets=n_budgets, unit=unit,
-                                              dims=dims, map_cost=map_cost)
-        except LensbenchError:
-            continue
-        iso["curves"][lens] = curve.to_dict(orient="list")
-    if "simlens" in lenses and "logit" in lenses:
-        iso["gains"]["simlens_vs_logit"] = compute.iso_compute_gain(
-            predictions, "simlens", "logit", n_budgets, examples=examples, unit=unit, dims=dims, map_cost=map_cost)
-    report["iso_compute"] = iso
+    tables = compute.iso_compute_tables(predictions, examples, lenses, map_cost=map_cost, n_budgets=n_budgets,
+                                        unit=unit, dims=dims)
+    report["iso_compute"] = {"unit": unit, "curves": {lens: curve.to_dict(orient="list") for lens, curve in tables["curves"].items()},
+                             "gains": tables["gains"]}
 
     policies: dict = {}
     for policy, record in exits.POLICIES.items():

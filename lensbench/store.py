@@ -33,17 +33,24 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, write) -> None:
+    """`write(file)` into a temporary file beside `path`, flushed and fsynced, then renamed
+    onto `path`: `path` is the old file or the whole new one, never a part (also after a crash).
+    An interrupted or failed write leaves no temporary file behind."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # an interrupted or failed write leaves no temporary file behind
+    except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic_write(path, lambda f: f.write(data))
 
 
 def _json_safe(value):
@@ -67,9 +74,7 @@ def atomic_write_json(path: Path, obj) -> None:
 
 
 def atomic_write_table(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    _atomic_write(path, lambda f: pq.write_table(table, f, compression="zstd"))
 
 
 def atomic_write_tensors(path: Path, tensors: dict) -> None:

@@ -6,8 +6,6 @@ import streamlit as st
 
 from app import data, ui
 from lensbench import plotting
-from lensbench.lenses import lens_cost
-from lensbench.errors import LensbenchError
 
 st.title("Runs")
 run = ui.current_run()
@@ -48,18 +46,12 @@ st.subheader("Iso-Compute accuracy")
 st.caption("Accuracy at the deepest readout point whose mean per-example cost fits the budget "
            "(layer-token units; see docs/METHOD.md, 'Compute accounting').")
 for r in selected:
-    costed = []
-    for lens in lenses:
-        try:
-            lens_cost(lens)
-            costed.append(lens)
-        except LensbenchError:
-            pass
-    costed = [lens for lens in costed if lens in summaries[r.name]["lenses"]]
-    if not costed:
+    # the report's numbers (lenses without a cost model have no curve)
+    present = tuple(lens for lens in lenses if lens in summaries[r.name]["lenses"])
+    iso = data.iso_compute(*data.key(r), present) if present else {"curves": {}}
+    if not iso["curves"]:
         st.info(f"{r.name}: none of the chosen lenses has a cost model.")
         continue
-    iso = data.iso_compute(*data.key(r), tuple(costed))
     if iso["gain"] is not None:
         st.markdown(f"**{r.name}**: average Iso-Compute gain of SimLens over the logit lens "
                     f"**{iso['gain'] * 100:+.1f} points**")

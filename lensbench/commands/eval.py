@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
@@ -14,8 +15,8 @@ from lensbench.errors import LensbenchError
 from lensbench.lenses import LENS_NAMES
 from lensbench.metrics import format_table
 from lensbench.models import resolve_device
-from lensbench.runner import ENTROPY_MODES, EvalConfig, run_eval
-from lensbench.store import open_run
+from lensbench.runner import ENTROPY_MODES, EvalConfig, run_eval, sigterm_as_interrupt
+from lensbench.store import MANIFEST, open_run
 
 NAME = "eval"
 
@@ -48,7 +49,7 @@ def add_parser(sub) -> None:
     p.add_argument("--entropy", default="candidates", choices=ENTROPY_MODES, help="entropy over the candidates (default) or the vocabulary")
     p.add_argument("--mean-examples", type=positive_int, default=256, help="examples averaged for the `mean` slot source")
     p.add_argument("--skip-invalid", action="store_true", help="skip (and report) examples whose candidates are not single tokens")
-    p.add_argument("--overwrite", action="store_true", help="replace a different run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a different lensbench run in --out (only the files a run writes; see docs/format.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -64,7 +65,7 @@ def _launch(args) -> int:
     try:
         return distributed.launch_local(argv, args.num_processes, threads)
     except KeyboardInterrupt:
-        print(f"lensbench: interrupted; finished batches are kept in {args.out}. Run the same command to resume.", file=sys.stderr)
+        print(_interrupted(Path(args.out) if args.out.strip() else None), file=sys.stderr)
         return 130
 
 
@@ -75,13 +76,28 @@ def run(args) -> int:
         if args.n_devices > 1:
             raise LensbenchError("--num-processes and --n-devices cannot be combined")
         return _launch(args)
+    # SIGTERM is Ctrl-C for the whole command, model load included: one line and exit 130.
+    with sigterm_as_interrupt():
+        try:
+            return _run(args)
+        except KeyboardInterrupt:
+            print(_interrupted(Path(args.out) if args.out.strip() else None), file=sys.stderr)
+            return 130
+
+
+def _interrupted(out: Path | None) -> str:
+    """The line an interrupted `eval` prints: what is kept where, if anything."""
+    if out is None or not (out / MANIFEST).is_file():
+        return "lensbench: interrupted before the run started; nothing was written."
+    parts = len(list((out / "parts").glob("part-*.parquet"))) if (out / "parts").is_dir() else 0
+    return (f"lensbench: interrupted; {parts} finished batch(es) are kept in {out}. "
+            "Run the same command to resume.")
+
+
+def _run(args) -> int:
     dist = distributed.init(args.device)
     cfg = config_from_args(EvalConfig, args, device=distributed.rank_device(args.device, dist))
-    try:
-        out = run_eval(cfg, progress=not args.quiet, dist=dist)
-    except KeyboardInterrupt:
-        print(f"lensbench: interrupted; finished batches are kept in {args.out}. Run the same command to resume.", file=sys.stderr)
-        return 130
+    out = run_eval(cfg, progress=not args.quiet, dist=dist)
     if not dist.is_main:
         return 0
     summary = open_run(out).summary()

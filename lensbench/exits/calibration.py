@@ -43,8 +43,13 @@ def per_layer_thresholds(data: ExitData, precision: float) -> dict[int, float]:
 
 
 def run_map_cost(run) -> float | None:
-    """The map cost (layer-tokens) recorded by the run's Linear SimLens, if any."""
-    for folder in as_run(run).manifest.get("config", {}).get("linear", []) or []:
+    """The map cost (layer-tokens) of the run's Linear SimLens, if any: the one `eval` recorded
+    in the manifest (`map_cost`, from the lens's config). A run made before manifests recorded
+    it falls back to its `--linear` folders, where they still exist."""
+    manifest = as_run(run).manifest
+    if "map_cost" in manifest:
+        return None if manifest["map_cost"] is None else float(manifest["map_cost"])
+    for folder in manifest.get("config", {}).get("linear", []) or []:
         path = Path(folder) / CONFIG_FILE
         if path.exists():
             config = json.loads(path.read_text())
