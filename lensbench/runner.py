@@ -304,6 +304,8 @@ def run_eval(
     examples = load_task(cfg.task)
     # Lenses and ablations are checked before the (slow) model load, so a typo fails at once.
     lenses = build_lenses(cfg.lenses, cfg.ablations, cfg.positions, cfg.linear)
+    for lens in lenses:
+        lens.check_site(cfg.site)
     lens_names = [lens.name for lens in lenses]
     inputs = run_folder.input_digests(cfg.task, cfg.linear)
     ident = run_folder.identity(cfg.identity(), lens_names, inputs)

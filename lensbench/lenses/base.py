@@ -133,6 +133,9 @@ class Lens(ABC):
     def check_model(self, model, model_info=None) -> None:
         """Refuse a model this lens cannot read (e.g. one it was not fitted for)."""
 
+    def check_site(self, site: str) -> None:
+        """Refuse a readout site this lens cannot read (checked before the model loads)."""
+
     @abstractmethod
     def final_residuals(self, batch: LensBatch) -> LensOutput:
         """One final-layer residual per (readout point, primary example)."""

@@ -185,6 +185,12 @@ class LinearLens(Lens):
             out[p] = a[p] if point.is_final else self.transform(a[p], point.layer)
         return LensOutput(out)
 
+    def check_site(self, site: str) -> None:
+        if site != self.config.site:
+            where = f" ({self.path})" if self.path else ""
+            raise LensbenchError(f"linear lens {self.name}{where} was fitted at site '{self.config.site}', "
+                                 f"the run reads '{site}' (--site {self.config.site}, or refit with --site {site})")
+
     def check_model(self, model, model_info=None) -> None:
         """Refuse a model other than the one this lens was fitted for."""
         cfg = self.config

@@ -264,7 +264,7 @@ def test_an_ablation_position_outside_a_short_example_fails_before_compute(tmp_p
     assert not out.exists()
 
 
-def test_a_lens_fitted_at_another_site_fails_before_the_run_folder(tmp_path, capsys, lens_dir):
+def test_a_lens_fitted_at_another_site_fails_before_the_model_loads(tmp_path, capsys, lens_dir, no_model_load):
     out = tmp_path / "run"
     rc, _, err = evaluate(capsys, out, "--site", "mid", "--linear", str(lens_dir), lenses="logit,linear-simlens")
     one_line_error(rc, err, "fitted at site 'pre'")
