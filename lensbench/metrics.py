@@ -98,16 +98,38 @@ def summarize(predictions: pd.DataFrame, extra: dict | None = None) -> dict:
     return summary
 
 
-def format_per_layer(per_layer: dict, names: list[str] | None = None) -> str:
+def format_per_layer(per_layer: dict, names: list[str] | None = None, intervals: bool = False) -> str:
     """Per-layer accuracy and fidelity of each lens as a text table (`per_layer`'s layout:
-    `{lens: {"layer": [...], "accuracy": [...], "fidelity": [...]}}`)."""
+    `{lens: {"layer": [...], "accuracy": [...], "fidelity": [...]}}`); with `intervals`, each
+    value followed by its `accuracy_ci` / `fidelity_ci` interval where the lens has one."""
     names = [n for n in (names or list(per_layer)) if n in per_layer]
-    lines = [f"{'layer':>5} " + " ".join(f"{n[:21]:>21}" for n in names),
-             f"{'':>5} " + " ".join(f"{'acc':>10} {'fid':>10}" for _ in names)]
+    if not intervals or not any("accuracy_ci" in per_layer[n] for n in names):
+        lines = [f"{'layer':>5} " + " ".join(f"{n[:21]:>21}" for n in names),
+                 f"{'':>5} " + " ".join(f"{'acc':>10} {'fid':>10}" for _ in names)]
+        for i, layer in enumerate(per_layer[names[0]]["layer"]):
+            lines.append(f"{layer:>5} " + " ".join(
+                f"{per_layer[n]['accuracy'][i]:>10.3f} {per_layer[n]['fidelity'][i]:>10.3f}" for n in names))
+        return "\n".join(lines)
+    lines = [f"{'layer':>5} " + " ".join(f"{n[:41]:>41}" for n in names),
+             f"{'':>5} " + " ".join(f"{'acc [95 % interval]':>20} {'fid [95 % interval]':>20}" for _ in names)]
     for i, layer in enumerate(per_layer[names[0]]["layer"]):
-        lines.append(f"{layer:>5} " + " ".join(
-            f"{per_layer[n]['accuracy'][i]:>10.3f} {per_layer[n]['fidelity'][i]:>10.3f}" for n in names))
+        cells = []
+        for n in names:
+            for key in ("accuracy", "fidelity"):
+                ci = per_layer[n].get(f"{key}_ci")
+                cells.append(f"{with_interval(per_layer[n][key][i], ci[i] if ci else None):>20}")
+        lines.append(f"{layer:>5} " + " ".join(cells))
     return "\n".join(lines)
+
+
+def with_interval(value, interval=None, fmt: str = ".3f") -> str:
+    """`0.612 [0.571, 0.650]`: a value and its interval (`[lo, hi]`, None bounds printed `-`)."""
+    def text(x):
+        return "-" if x is None else format(x, fmt)
+
+    if interval is None:
+        return text(value)
+    return f"{text(value)} [{text(interval[0])}, {text(interval[1])}]"
 
 
 def format_table(summary: dict, lenses: list[str] | None = None) -> str:

@@ -8,7 +8,9 @@ The report holds, for the app and the analyses (which read it rather than recomp
 - `exits`: per policy whose lenses the run has, the operating curve over global thresholds
   (`exits.operating_curve`) and its Pareto front; the oracle's point;
 - `calibrated` (with `--calib CALIB_RUN`): for each policy and the three targets, the threshold
-  chosen on the calibration run and its results on this (test) run (`exits.calibrate`).
+  chosen on the calibration run and its results on this (test) run (`exits.calibrate`);
+- with `bootstrap=B` (B > 0; the command's default 1000): percentile intervals over resampled
+  examples (`lensbench.uncertainty`) next to those numbers, and `bootstrap`, how they were made.
 
 The command is `lensbench.commands.report`.
 """
@@ -20,7 +22,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from lensbench import compute, exits, metrics
+from lensbench import compute, exits, metrics, uncertainty
 from lensbench.errors import LensbenchError
 from lensbench.store import Run, atomic_write_json, open_run
 
@@ -69,15 +71,19 @@ def check_report_options(n_budgets: int, epsilon: float, max_drop: float, answer
 
 def build_report(run_path, calib_run=None, *, n_budgets: int = 50, unit: str = "layer-token",
                  dims: compute.ModelDims | None = None, answer_lens: str | None = None, min_layer: int = 0,
-                 epsilon: float = 0.01, max_drop: float = 0.01, per_layer: bool = False, write: bool = True) -> dict:
+                 epsilon: float = 0.01, max_drop: float = 0.01, per_layer: bool = False, write: bool = True,
+                 bootstrap: int = uncertainty.DEFAULT_RESAMPLES, seed: int = uncertainty.DEFAULT_SEED,
+                 level: float = uncertainty.DEFAULT_LEVEL) -> dict:
     """The report of a run (also written to `RUN/report.json` unless `write=False`).
 
     calib_run: a calibration run (disjoint examples) to add calibrated exit thresholds;
     unit: layer-token or flop (then `dims`, the model's shape, is needed); answer_lens: the
     exits' answer lens, refused if the run lacks it (None: SimLens, the exits left out of a run
-    without it).
+    without it); bootstrap: resamples of the run's examples for the `*_ci` intervals at `level`
+    (0: none, the report without them), seeded by `seed` (METHOD.md, "Uncertainty").
     """
     check_report_options(n_budgets, epsilon, max_drop, answer_lens)
+    uncertainty.check_bootstrap(bootstrap, seed, level)
     run = run_path if isinstance(run_path, Run) else open_run(run_path)
     if run.status != "complete":
         raise LensbenchError(f"run {run.path} is not complete (status: {run.status}); finish it first")
@@ -113,6 +119,11 @@ def build_report(run_path, calib_run=None, *, n_budgets: int = 50, unit: str = "
                                         unit=unit, dims=dims)
     report["iso_compute"] = {"unit": unit, "curves": {lens: curve.to_dict(orient="list") for lens, curve in tables["curves"].items()},
                              "gains": tables["gains"]}
+    boot = order = None
+    if bootstrap:
+        order = uncertainty.example_order(predictions)
+        boot = uncertainty.Bootstrap(len(order), bootstrap, seed, level)
+        _add_intervals(report, predictions, finals, boot, order)
 
     policies: dict = {}
     for policy, record in exits.POLICIES.items():
@@ -132,9 +143,11 @@ def build_report(run_path, calib_run=None, *, n_budgets: int = 50, unit: str = "
         for policy in policies:
             oracle = exits.POLICIES[policy].confidence_lens is None
             for target in exits.TARGETS if not oracle else ["best-accuracy"]:
-                calibrated.append(exits.calibrate(calib_run, run, policy, target, answer_lens, min_layer,
-                                                  per_layer=per_layer, epsilon=epsilon, max_drop=max_drop,
-                                                  map_cost=map_cost))
+                result = exits.calibrate(calib_run, run, policy, target, answer_lens, min_layer, per_layer=per_layer,
+                                         epsilon=epsilon, max_drop=max_drop, map_cost=map_cost)
+                if boot is not None:
+                    _add_exit_intervals(result, predictions, examples, finals, boot, order)
+                calibrated.append(result)
         report["calibrated"] = calibrated
     report = _clean(report)
     if write:
@@ -142,16 +155,63 @@ def build_report(run_path, calib_run=None, *, n_budgets: int = 50, unit: str = "
     return report
 
 
-def format_report(report: dict, max_rows: int = 8) -> str:
-    """The report's tables as text."""
+def _add_intervals(report: dict, predictions: pd.DataFrame, finals: pd.DataFrame, boot, order) -> None:
+    """The bootstrap intervals of the per-layer table and the Iso-Compute numbers, in place."""
+    samples = uncertainty.resample_per_layer(predictions, boot)
+    report["bootstrap"] = boot.describe()
+    report["final_accuracy_ci"] = uncertainty.mean_interval(_final_correct(finals, order), boot)
+    for lens, intervals in uncertainty.per_layer_intervals(samples, report["per_layer"], boot).items():
+        report["per_layer"][lens].update(intervals)
+    iso = report["iso_compute"]
+    iso["curves_ci"] = {lens: uncertainty.layers_interval(samples, lens, curve["layer"], boot)
+                        for lens, curve in iso["curves"].items()}
+    for gain in iso["gains"].values():
+        gain["gain_ci"] = uncertainty.gain_interval(samples, gain, boot)
+
+
+def _final_correct(finals: pd.DataFrame, order) -> np.ndarray:
+    finals = finals.set_index("example_index").reindex(order)
+    return (finals["final_decision"] == finals["gold"]).to_numpy().astype(float)
+
+
+def _add_exit_intervals(result: dict, predictions: pd.DataFrame, examples: pd.DataFrame, finals: pd.DataFrame,
+                        boot, order) -> None:
+    """A calibrated point's test-run intervals (its threshold fixed), in place: the test
+    examples resampled, the threshold replayed on them (`exits.simulate_exits`)."""
+    sim = exits.simulate_exits(predictions, examples, result["policy"], exits.parse_threshold(result["threshold"]),
+                               result["answer_lens"], result["min_layer"], map_cost=result["map_cost"])
+    test = result["test"]
+    test["accuracy_drop"] = test["full_accuracy"] - test["accuracy"]
+    test.update(uncertainty.exit_intervals(sim, boot, order, _final_correct(finals, order)))
+
+
+def _points(interval) -> str:
+    """` [lo, hi]` of a fraction's interval in points (empty without one)."""
+    if interval is None:
+        return ""
+    lo, hi = ("-" if x is None else f"{x * 100:+.2f}" for x in interval)
+    return f" [{lo}, {hi}]"
+
+
+def format_report(report: dict, max_rows: int = 8, intervals: bool = False) -> str:
+    """The report's tables as text; `intervals`: the per-layer table with its intervals too
+    (the others show theirs whenever the report has them)."""
+    boot = report.get("bootstrap")
+    final = metrics.with_interval(report["final_accuracy"], report.get("final_accuracy_ci"))
     lines = [f"run {report['run']}: {report['model']} on {report['task']}, {report['n_examples']} examples, "
-             f"final accuracy {report['final_accuracy']:.3f}", ""]
-    lines.append(metrics.format_per_layer(report["per_layer"], report["lenses"]))
+             f"final accuracy {final}", ""]
+    if boot:
+        lines[-1:] = [f"[lo, hi]: {boot['level'] * 100:g} % bootstrap percentile intervals over the examples "
+                      f"({boot['resamples']} resamples, seed {boot['seed']}; METHOD.md, \"Uncertainty\")", ""]
+    lines.append(metrics.format_per_layer(report["per_layer"], report["lenses"], intervals=intervals))
+    if boot and not intervals:
+        lines.append("(per-layer intervals: in report.json, or printed with --ci)")
     gains = report["iso_compute"]["gains"]
     lines.append("")
     if "simlens_vs_logit" in gains:
         g = gains["simlens_vs_logit"]
-        lines.append(f"Iso-Compute gain of SimLens over the logit lens ({g['unit']}): {g['gain'] * 100:+.2f} points, "
+        lines.append(f"Iso-Compute gain of SimLens over the logit lens ({g['unit']}): {g['gain'] * 100:+.2f}"
+                     f"{_points(g.get('gain_ci'))} points, "
                      f"mean over {len(g['budgets'])} budgets from {g['relative_budgets'][0]:.3f} to 1.0 of the full model")
     else:
         lines.append("Iso-Compute gain: needs both the logit lens and SimLens in the run")
@@ -174,4 +234,17 @@ def format_report(report: dict, max_rows: int = 8) -> str:
         lines.append("calibrated on " + report["calibrated"][0]["calib_run"] + ", reported on this run")
         for result in report["calibrated"]:
             lines.append(exits.format_calibration(result))
+            if "accuracy_ci" in result["test"]:
+                lines.append("    " + _test_intervals(result["test"]))
     return "\n".join(lines)
+
+
+def _test_intervals(test: dict) -> str:
+    """A calibrated point's test numbers with their intervals (the threshold fixed)."""
+    speed = test["layer_token_speedup_ci"]
+    speed_text = f"x{exits.format_speedup(test['layer_token_speedup'])} [" + ", ".join(
+        exits.format_speedup(x) for x in speed) + "]"
+    drop = test.get("accuracy_drop")
+    drop_text = "" if drop is None else f" | drop {drop * 100:+.2f}{_points(test.get('accuracy_drop_ci'))} points"
+    return (f"test acc {metrics.with_interval(test['accuracy'], test['accuracy_ci'])} | "
+            f"fid {metrics.with_interval(test['fidelity'], test['fidelity_ci'])} | {speed_text} layer-token" + drop_text)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lensbench import exits
+from lensbench import exits, uncertainty
 from lensbench.costs import ModelDims
 from lensbench.models import load_model
 from lensbench.report import REPORT_FILE, build_report, check_report_options, format_report
@@ -24,10 +24,17 @@ def add_parser(sub) -> None:
     p.add_argument("--max-drop", type=float, default=0.01, help="accuracy drop allowed by the max-drop target (default 0.01)")
     p.add_argument("--n-budgets", type=int, default=50, help="budgets in the Iso-Compute grid (default 50)")
     p.add_argument("--flops", action="store_true", help="Iso-Compute in FLOPs (loads the model's config)")
+    p.add_argument("--bootstrap", type=int, default=uncertainty.DEFAULT_RESAMPLES, metavar="B",
+                   help="bootstrap resamples of the examples for the 95 %% intervals "
+                        f"(default {uncertainty.DEFAULT_RESAMPLES}; 0: no intervals, the report without them)")
+    p.add_argument("--seed", type=int, default=uncertainty.DEFAULT_SEED,
+                   help=f"the bootstrap's seed (default {uncertainty.DEFAULT_SEED})")
+    p.add_argument("--ci", action="store_true", help="print the per-layer table with its intervals")
 
 
 def run(args) -> int:
     check_report_options(args.n_budgets, args.epsilon, args.max_drop, args.answer_lens)
+    uncertainty.check_bootstrap(args.bootstrap, args.seed)
     dims = None
     unit = "layer-token"
     if args.flops:
@@ -37,7 +44,7 @@ def run(args) -> int:
         unit = "flop"
     report = build_report(args.run, args.calib, n_budgets=args.n_budgets, unit=unit, dims=dims,
                           answer_lens=args.answer_lens, min_layer=args.min_layer, epsilon=args.epsilon,
-                          max_drop=args.max_drop, per_layer=args.per_layer)
-    print(format_report(report))
+                          max_drop=args.max_drop, per_layer=args.per_layer, bootstrap=args.bootstrap, seed=args.seed)
+    print(format_report(report, intervals=args.ci))
     print(f"\nwritten: {Path(args.run) / REPORT_FILE}")
     return 0
