@@ -24,7 +24,7 @@ import pandas as pd
 
 from lensbench import compute, exits, metrics, uncertainty
 from lensbench.errors import LensbenchError
-from lensbench.store import Run, atomic_write_json, open_run
+from lensbench.store import Run, as_run, atomic_write_json, open_run
 
 REPORT_FILE = "report.json"
 REPORT_VERSION = 1
@@ -73,14 +73,16 @@ def build_report(run_path, calib_run=None, *, n_budgets: int = 50, unit: str = "
                  dims: compute.ModelDims | None = None, answer_lens: str | None = None, min_layer: int = 0,
                  epsilon: float = 0.01, max_drop: float = 0.01, per_layer: bool = False, write: bool = True,
                  bootstrap: int = uncertainty.DEFAULT_RESAMPLES, seed: int = uncertainty.DEFAULT_SEED,
-                 level: float = uncertainty.DEFAULT_LEVEL) -> dict:
+                 level: float = uncertainty.DEFAULT_LEVEL, bootstrap_calibration: bool = False) -> dict:
     """The report of a run (also written to `RUN/report.json` unless `write=False`).
 
     calib_run: a calibration run (disjoint examples) to add calibrated exit thresholds;
     unit: layer-token or flop (then `dims`, the model's shape, is needed); answer_lens: the
     exits' answer lens, refused if the run lacks it (None: SimLens, the exits left out of a run
     without it); bootstrap: resamples of the run's examples for the `*_ci` intervals at `level`
-    (0: none, the report without them), seeded by `seed` (METHOD.md, "Uncertainty").
+    (0: none, the report without them), seeded by `seed` (METHOD.md, "Uncertainty");
+    bootstrap_calibration: also resample the calibration run and choose each calibrated
+    threshold again per resample (`calib_and_test_ci`; global thresholds only).
     """
     check_report_options(n_budgets, epsilon, max_drop, answer_lens)
     uncertainty.check_bootstrap(bootstrap, seed, level)
@@ -142,11 +144,17 @@ def build_report(run_path, calib_run=None, *, n_budgets: int = 50, unit: str = "
         calibrated = []
         for policy in policies:
             oracle = exits.POLICIES[policy].confidence_lens is None
+            grid = None
             for target in exits.TARGETS if not oracle else ["best-accuracy"]:
                 result = exits.calibrate(calib_run, run, policy, target, answer_lens, min_layer, per_layer=per_layer,
                                          epsilon=epsilon, max_drop=max_drop, map_cost=map_cost)
                 if boot is not None:
                     _add_exit_intervals(result, predictions, examples, finals, boot, order)
+                    if bootstrap_calibration and not oracle and not per_layer:
+                        if grid is None:
+                            grid, calib_boot = _threshold_grid(calib_run, predictions, examples, result, boot, order)
+                        result["calib_and_test_ci"] = uncertainty.calibration_intervals(
+                            grid, target, calib_boot, boot, epsilon, max_drop)
                 calibrated.append(result)
         report["calibrated"] = calibrated
     report = _clean(report)
@@ -193,6 +201,17 @@ def _points(interval) -> str:
     return f" [{lo}, {hi}]"
 
 
+def _threshold_grid(calib_run, predictions: pd.DataFrame, examples: pd.DataFrame, result: dict, boot, order):
+    """A policy's replays over the calibration grid on both runs, and the calibration run's
+    bootstrap (its own stream of resamples, independent of the test run's)."""
+    calib = as_run(calib_run)
+    args = (result["policy"], result["answer_lens"], result["min_layer"], result["map_cost"])
+    calib_data = exits.prepare_exits(calib.predictions(), calib.examples(), *args)
+    grid = uncertainty.threshold_grid(calib_data, exits.prepare_exits(predictions, examples, *args), order)
+    calib_boot = uncertainty.Bootstrap(len(calib_data.example_index), boot.resamples, boot.seed, boot.level, stream=1)
+    return grid, calib_boot
+
+
 def format_report(report: dict, max_rows: int = 8, intervals: bool = False) -> str:
     """The report's tables as text; `intervals`: the per-layer table with its intervals too
     (the others show theirs whenever the report has them)."""
@@ -236,6 +255,13 @@ def format_report(report: dict, max_rows: int = 8, intervals: bool = False) -> s
             lines.append(exits.format_calibration(result))
             if "accuracy_ci" in result["test"]:
                 lines.append("    " + _test_intervals(result["test"]))
+            if "calib_and_test_ci" in result:
+                both = result["calib_and_test_ci"]
+                lines.append("    with calibration resampled too: acc [{:.3f}, {:.3f}] | fid [{:.3f}, {:.3f}] | x[{}, {}] "
+                             "layer-token | drop{} points | threshold [{:.4g}, {:.4g}]".format(
+                                 *both["accuracy"], *both["fidelity"],
+                                 *(exits.format_speedup(x) for x in both["layer_token_speedup"]),
+                                 _points(both["accuracy_drop"]), *both["threshold"]))
     return "\n".join(lines)
 
 

@@ -83,6 +83,7 @@ class Bootstrap:
     resamples: int = DEFAULT_RESAMPLES
     seed: int = DEFAULT_SEED
     level: float = DEFAULT_LEVEL
+    stream: int = 0  # another stream of resamples for the same seed (the calibration run's: 1)
     _counts: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -108,7 +109,7 @@ class Bootstrap:
         if self._counts is not None:
             yield self._counts
             return
-        seeds = np.random.SeedSequence(self.seed).spawn(self.resamples)
+        seeds = np.random.SeedSequence(self.seed if not self.stream else [self.seed, self.stream]).spawn(self.resamples)
         if self.resamples * self.n <= _CACHE_CELLS:
             self._counts = self._draw(seeds)
             yield self._counts
@@ -254,3 +255,84 @@ def exit_intervals(sim: pd.DataFrame, boot: Bootstrap, order: np.ndarray, gold_f
     `accuracy_drop_ci` with `gold_final`) of `exit_samples`."""
     return {f"{name}_ci": _pairs(boot.interval(values))[0]
             for name, values in exit_samples(sim, boot, order, gold_final).items()}
+
+
+@dataclass
+class ThresholdGrid:
+    """One policy's replays at every threshold of a grid, per example: (n, T) matrices of a
+    calibration and a test run (`threshold_grid`)."""
+
+    thresholds: np.ndarray
+    calib: dict
+    test: dict
+
+
+def _replays(data, thresholds: np.ndarray, order: np.ndarray | None = None) -> dict:
+    from lensbench.exits.simulate import _simulate
+
+    sims = [_simulate(data, float(t)) for t in thresholds]
+    index = pd.Index(data.example_index)
+    rows = np.arange(len(index)) if order is None else index.get_indexer(order)
+    if (rows < 0).any():
+        raise LensbenchError("the exit replay lacks some examples of the run")
+    out = {name: np.stack([sim[name].to_numpy().astype(float)[rows] for sim in sims], axis=1)
+           for name in ("correct", "agrees_final", "cost", "full_cost")}
+    out["final_correct"] = (data.final_decision == data.gold).astype(float)[rows]
+    return out
+
+
+def threshold_grid(calib_data, test_data, order: np.ndarray) -> ThresholdGrid:
+    """The replays `calibration_samples` needs: the grid `exits.choose_threshold` searches on
+    the calibration run (`default_thresholds`), replayed on the calibration run and on the test
+    run (its rows in `order`)."""
+    from lensbench.exits.simulate import default_thresholds
+
+    thresholds = default_thresholds(calib_data)
+    return ThresholdGrid(thresholds, _replays(calib_data, thresholds), _replays(test_data, thresholds, order))
+
+
+def calibration_samples(grid: ThresholdGrid, target: str, calib_boot: Bootstrap, test_boot: Bootstrap,
+                        epsilon: float = 0.01, max_drop: float = 0.01) -> dict:
+    """The calibrated point's test numbers when calibration, too, is resampled: on resample
+    `b`, the threshold is chosen again on the `b`-th resample of the calibration examples
+    (`calib_boot`, the cheapest of the grid meeting `target`, ties to the higher accuracy, as
+    `exits.choose_threshold` chooses) and reported on the `b`-th resample of the test examples
+    (`test_boot`). Returns (B,) arrays: `accuracy`, `fidelity`, `layer_token_speedup`,
+    `accuracy_drop`, `threshold`."""
+    c, t = grid.calib, grid.test
+    n = calib_boot.n
+    sums = calib_boot.sums(np.concatenate([c["correct"], c["agrees_final"], c["cost"], c["final_correct"][:, None]], 1))
+    k = len(grid.thresholds)
+    accuracy, fidelity, cost, full = sums[:, :k] / n, sums[:, k:2 * k] / n, sums[:, 2 * k:3 * k] / n, sums[:, -1:] / n
+    if target == "best-accuracy":
+        ok = accuracy >= accuracy.max(axis=1, keepdims=True) - 1e-12
+    elif target == "max-drop":
+        ok = accuracy >= full - max_drop - 1e-12
+    elif target == "fidelity":
+        ok = fidelity >= 1 - epsilon - 1e-12
+    else:
+        raise LensbenchError(f"unknown calibration target '{target}'")
+    ok[:, 0] |= ~ok.any(axis=1)  # cannot happen on the default grid: never exiting meets every target
+    cheapest = np.where(ok, cost, np.inf)
+    ok &= cheapest == cheapest.min(axis=1, keepdims=True)
+    best = np.where(ok, accuracy, -np.inf)
+    choice = np.argmax(ok & (best == best.max(axis=1, keepdims=True)), axis=1)
+    rows = np.arange(len(choice))
+
+    def at(matrix):
+        return test_boot.sums(matrix)[rows, choice]
+
+    correct, cost_sum, full_sum = at(t["correct"]), at(t["cost"]), at(t["full_cost"])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        speedup = np.where(cost_sum > 0, full_sum / cost_sum, np.inf)
+    return {"accuracy": correct / test_boot.n, "fidelity": at(t["agrees_final"]) / test_boot.n,
+            "layer_token_speedup": speedup,
+            "accuracy_drop": test_boot.sums(t["final_correct"]) / test_boot.n - correct / test_boot.n,
+            "threshold": grid.thresholds[choice]}
+
+
+def calibration_intervals(grid: ThresholdGrid, target: str, calib_boot: Bootstrap, test_boot: Bootstrap,
+                          epsilon: float = 0.01, max_drop: float = 0.01) -> dict:
+    """`{name: [lo, hi]}` of `calibration_samples`."""
+    samples = calibration_samples(grid, target, calib_boot, test_boot, epsilon, max_drop)
+    return {name: _pairs(test_boot.interval(values))[0] for name, values in samples.items()}

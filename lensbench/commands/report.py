@@ -6,6 +6,7 @@ from pathlib import Path
 
 from lensbench import exits, uncertainty
 from lensbench.costs import ModelDims
+from lensbench.errors import LensbenchError
 from lensbench.models import load_model
 from lensbench.report import REPORT_FILE, build_report, check_report_options, format_report
 from lensbench.store import open_run
@@ -29,12 +30,19 @@ def add_parser(sub) -> None:
                         f"(default {uncertainty.DEFAULT_RESAMPLES}; 0: no intervals, the report without them)")
     p.add_argument("--seed", type=int, default=uncertainty.DEFAULT_SEED,
                    help=f"the bootstrap's seed (default {uncertainty.DEFAULT_SEED})")
+    p.add_argument("--bootstrap-calib", action="store_true",
+                   help="with --calib: also resample the calibration run and choose each threshold again per resample "
+                        "(global thresholds only)")
     p.add_argument("--ci", action="store_true", help="print the per-layer table with its intervals")
 
 
 def run(args) -> int:
     check_report_options(args.n_budgets, args.epsilon, args.max_drop, args.answer_lens)
     uncertainty.check_bootstrap(args.bootstrap, args.seed)
+    if args.bootstrap_calib and (args.calib is None or args.bootstrap == 0 or args.per_layer):
+        why = ("needs --calib" if args.calib is None else "needs intervals (--bootstrap above 0)" if args.bootstrap == 0
+               else "chooses global thresholds only (drop --per-layer)")
+        raise LensbenchError(f"--bootstrap-calib {why}")
     dims = None
     unit = "layer-token"
     if args.flops:
@@ -44,7 +52,8 @@ def run(args) -> int:
         unit = "flop"
     report = build_report(args.run, args.calib, n_budgets=args.n_budgets, unit=unit, dims=dims,
                           answer_lens=args.answer_lens, min_layer=args.min_layer, epsilon=args.epsilon,
-                          max_drop=args.max_drop, per_layer=args.per_layer, bootstrap=args.bootstrap, seed=args.seed)
+                          max_drop=args.max_drop, per_layer=args.per_layer, bootstrap=args.bootstrap, seed=args.seed,
+                          bootstrap_calibration=args.bootstrap_calib)
     print(format_report(report, intervals=args.ci))
     print(f"\nwritten: {Path(args.run) / REPORT_FILE}")
     return 0
