@@ -35,7 +35,7 @@ def synthetic_predictions(n: int, n_layers: int = 6, lenses=LENSES, seed: int = 
             if layer == n_layers:
                 decision = final
             else:
-                right = rng.random(n) < 0.25 + 0.45 * depth ** (1.5 - 0.7 * k)
+                right = rng.random(n) < 0.25 + 0.45 * depth ** max(0.5, 1.5 - 0.7 * k)
                 decision = np.where(right, final, (final + 1 + rng.integers(0, n_choices - 1, n)) % n_choices)
             entropy = (1.4 * (1 - depth) + 0.3 * rng.random(n) + 0.2 * (decision != final)).astype(np.float32)
             rows.append(pd.DataFrame({
