@@ -256,20 +256,26 @@ def format_report(report: dict, max_rows: int = 8, intervals: bool = False) -> s
             if "accuracy_ci" in result["test"]:
                 lines.append("    " + _test_intervals(result["test"]))
             if "calib_and_test_ci" in result:
-                both = result["calib_and_test_ci"]
-                lines.append("    with calibration resampled too: acc [{:.3f}, {:.3f}] | fid [{:.3f}, {:.3f}] | x[{}, {}] "
-                             "layer-token | drop{} points | threshold [{:.4g}, {:.4g}]".format(
-                                 *both["accuracy"], *both["fidelity"],
-                                 *(exits.format_speedup(x) for x in both["layer_token_speedup"]),
-                                 _points(both["accuracy_drop"]), *both["threshold"]))
+                lines.append("    " + _calib_and_test_intervals(result["calib_and_test_ci"]))
     return "\n".join(lines)
+
+
+def _bounds(interval, fmt=".3f") -> str:
+    return "[" + ", ".join("-" if x is None else format(x, fmt) for x in interval) + "]"
+
+
+def _calib_and_test_intervals(both: dict) -> str:
+    """The intervals with the calibration resampled too (`--bootstrap-calib`)."""
+    speed = "[" + ", ".join(exits.format_speedup(x) for x in both["layer_token_speedup"]) + "]"
+    return (f"with calibration resampled too: acc {_bounds(both['accuracy'])} | fid {_bounds(both['fidelity'])} | "
+            f"x{speed} layer-token | drop{_points(both['accuracy_drop'])} points | "
+            f"threshold {_bounds(both['threshold'], '.4g')}")
 
 
 def _test_intervals(test: dict) -> str:
     """A calibrated point's test numbers with their intervals (the threshold fixed)."""
-    speed = test["layer_token_speedup_ci"]
     speed_text = f"x{exits.format_speedup(test['layer_token_speedup'])} [" + ", ".join(
-        exits.format_speedup(x) for x in speed) + "]"
+        exits.format_speedup(x) for x in test["layer_token_speedup_ci"]) + "]"
     drop = test.get("accuracy_drop")
     drop_text = "" if drop is None else f" | drop {drop * 100:+.2f}{_points(test.get('accuracy_drop_ci'))} points"
     return (f"test acc {metrics.with_interval(test['accuracy'], test['accuracy_ci'])} | "

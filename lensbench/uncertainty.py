@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from lensbench.errors import LensbenchError
+from lensbench.exits.simulate import _simulate, default_thresholds
 
 DEFAULT_RESAMPLES = 1000
 DEFAULT_SEED = 0
@@ -268,8 +269,6 @@ class ThresholdGrid:
 
 
 def _replays(data, thresholds: np.ndarray, order: np.ndarray | None = None) -> dict:
-    from lensbench.exits.simulate import _simulate
-
     sims = [_simulate(data, float(t)) for t in thresholds]
     index = pd.Index(data.example_index)
     rows = np.arange(len(index)) if order is None else index.get_indexer(order)
@@ -285,8 +284,6 @@ def threshold_grid(calib_data, test_data, order: np.ndarray) -> ThresholdGrid:
     """The replays `calibration_samples` needs: the grid `exits.choose_threshold` searches on
     the calibration run (`default_thresholds`), replayed on the calibration run and on the test
     run (its rows in `order`)."""
-    from lensbench.exits.simulate import default_thresholds
-
     thresholds = default_thresholds(calib_data)
     return ThresholdGrid(thresholds, _replays(calib_data, thresholds), _replays(test_data, thresholds, order))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import pytest
 import torch
@@ -183,3 +184,15 @@ def _main_code(argv) -> int:
         return main(argv)
     except SystemExit as exc:  # argparse's own errors
         return exc.code
+
+
+def test_logit_answers_warn_nothing_and_write_strict_json(runs, capsys, tmp_path):
+    """Exits answered by the logit lens at layer 0 cost nothing (an infinite speedup on some
+    resamples): no warning, and report.json stays strict JSON (null, never NaN or Infinity)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report, printed = _report(runs, capsys, "--answer-lens", "logit", "--bootstrap", "300", "--bootstrap-calib")
+    text = (runs["T"] / "report.json").read_text()
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"report.json holds {name}"))
+    assert all("accuracy_ci" in c["test"] for c in report["calibrated"])
+    assert "with calibration resampled too" in printed

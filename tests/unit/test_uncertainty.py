@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -256,3 +257,13 @@ def _without_new_keys(report, plain):
     if isinstance(plain, list):
         return [_without_new_keys(r, p) for r, p in zip(report, plain)]
     return report
+
+
+def test_exits_that_cost_nothing_have_an_infinite_speedup_without_warnings():
+    sim = pd.DataFrame({"example_index": np.arange(5), "correct": [True, False, True, True, False],
+                        "agrees_final": True, "cost": 0.0, "full_cost": 40.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        intervals = uncertainty.exit_intervals(sim, Bootstrap(5, 100, 0), np.arange(5))
+    assert intervals["layer_token_speedup_ci"] == [np.inf, np.inf]
+    assert intervals["fidelity_ci"] == [1.0, 1.0]
