@@ -65,7 +65,8 @@ def _launch(args) -> int:
     try:
         return distributed.launch_local(argv, args.num_processes, threads)
     except KeyboardInterrupt:
-        print(_interrupted(Path(args.out) if args.out.strip() else None), file=sys.stderr)
+        print(f"lensbench: interrupted; finished batches are kept in {args.out}. Run the same command to resume.",
+              file=sys.stderr)
         return 130
 
 
@@ -89,6 +90,8 @@ def _interrupted(out: Path | None) -> str:
     """The line an interrupted `eval` prints: what is kept where, if anything."""
     if out is None or not (out / MANIFEST).is_file():
         return "lensbench: interrupted before the run started; nothing was written."
+    if distributed.launched_world() > 1:  # every worker prints this line: the same one, printed once
+        return f"lensbench: interrupted; finished batches are kept in {out}. Run the same command to resume."
     parts = len(list((out / "parts").glob("part-*.parquet"))) if (out / "parts").is_dir() else 0
     return (f"lensbench: interrupted; {parts} finished batch(es) are kept in {out}. "
             "Run the same command to resume.")
