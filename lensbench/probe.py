@@ -137,7 +137,7 @@ class Prober:
         ctx = RunContext(self.model, self.points, {index: encoded}, self.pad_id, batch_size=1, mean_examples=1)
         for lens in built:  # on this probe's own context: nothing of an earlier prompt is used
             lens.prepare(ctx)
-        with torch.inference_mode(), _threads(self.threads if str(self.model.cfg.device) == "cpu" else None):
+        with torch.inference_mode(), cpu_threads(self.model, self.threads):
             result = evaluate_batch(self.model, built, ctx, [encoded], self.topk, self.entropy, track_ids=pinned_ids)
         predictions = predictions_table(result.columns, tokenizer).to_pandas()
         example_row = examples_table({index: example}, [encoded], tokenizer).to_pandas().iloc[0]
@@ -173,6 +173,11 @@ def _threads(n: int | None):
         torch.set_num_threads(before)
 
 
+def cpu_threads(model, n: int | None):
+    """`n` intra-op threads while `model` runs on a CPU (no change on other devices)."""
+    return _threads(n if str(model.cfg.device) == "cpu" else None)
+
+
 @torch.inference_mode()
 def answer_attention(model, tokens: list[int], threads: int | None = 1) -> np.ndarray:
     """`[a]`'s (the last token's) attention over every prompt token in the full forward pass:
@@ -184,6 +189,6 @@ def answer_attention(model, tokens: list[int], threads: int | None = 1) -> np.nd
 
     hooks = [(f"blocks.{k}.attn.hook_pattern", keep) for k in range(model.cfg.n_layers)]
     ids = torch.tensor([tokens], dtype=torch.long, device=model.cfg.device)
-    with _threads(threads if str(model.cfg.device) == "cpu" else None):
+    with cpu_threads(model, threads):
         model.run_with_hooks(ids, fwd_hooks=hooks, stop_at_layer=model.cfg.n_layers)
     return torch.stack(patterns).numpy()
