@@ -61,11 +61,20 @@ def show_prompt(example: pd.Series) -> None:
     query = query_of(prompt)
     tail = example["answer_token"] if query.endswith(example["answer_token"]) else ""
     body = query[: len(query) - len(tail)] if tail else query
+    passage, cut = "", body.rfind("Question:")
+    if cut > 0:  # a reading passage before the question (BoolQ): folded, the question in view
+        passage, body = body[:cut], body[cut:]
     answer = (f'<span class="lb-a" title="answer position [a]" style="background:#dbeafe;border:1px solid #1f77b4;'
               f'border-radius:3px;padding:0 2px">{_one_line(tail) or "∅"} <b>[a]</b></span>')
-    st.markdown(f'<div class="lb-query" style="white-space:pre-wrap;font-family:monospace;font-size:0.95em;'
-                f'border:2px solid #1f77b4;border-radius:6px;padding:8px;max-height:220px;overflow:auto">'
-                f"{_one_line(body)}{answer}</div>", unsafe_allow_html=True)
+    if passage:
+        with st.expander(f"Passage of this example ({len(passage)} characters)"):
+            st.markdown(f'<div style="white-space:pre-wrap;font-size:0.9em">{_one_line(passage)}</div>',
+                        unsafe_allow_html=True)
+    # column-reverse keeps a long query scrolled to its end, where the question and [a] are
+    st.markdown(f'<div class="lb-query" style="display:flex;flex-direction:column-reverse;font-family:monospace;'
+                f'font-size:0.95em;border:2px solid #1f77b4;border-radius:6px;padding:8px;max-height:220px;'
+                f'overflow:auto"><div style="white-space:pre-wrap">{_one_line(body)}{answer}</div></div>',
+                unsafe_allow_html=True)
     full = prompt_html(prompt, example["start_token"], example["answer_token"])
     if query != prompt.rstrip("\n") and len(prompt) > len(query) + 2:
         with st.expander(f"Whole prompt ({len(prompt)} characters, with the demonstrations)"):

@@ -43,7 +43,7 @@ st.title("Early exits")
 run = ui.current_run()
 path, stamp = data.key(run)
 summary = data.summary(path, stamp)
-lenses = list(summary["lenses"])
+lenses = plotting.lens_order(summary["lenses"])
 n_layers = int(summary["final_layer"])
 calibrated = data.calibrations(path, stamp)
 

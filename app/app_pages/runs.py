@@ -39,7 +39,7 @@ for r in selected:
                  "lenses": ", ".join(plotting.lens_label(lens) for lens in s["lenses"])})
 st.dataframe(rows, hide_index=True)
 
-all_lenses = list(dict.fromkeys(lens for s in summaries.values() for lens in s["lenses"]))
+all_lenses = plotting.lens_order(lens for s in summaries.values() for lens in s["lenses"])
 default = [lens for lens in all_lenses if not lens.startswith("simlens[")] or all_lenses
 lenses = st.pills("Lenses", all_lenses, selection_mode="multi", default=default, key="runs-lenses",
                   format_func=plotting.lens_label) or []

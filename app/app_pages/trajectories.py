@@ -14,7 +14,7 @@ run = ui.current_run()
 path, stamp = data.key(run)
 examples = data.examples(path, stamp)
 summary = data.summary(path, stamp)
-lenses = list(summary["lenses"])
+lenses = plotting.lens_order(summary["lenses"])
 outcomes = data.final_outcomes(path, stamp)
 
 frame = examples.set_index("example_index", drop=False)

@@ -24,14 +24,14 @@ from lensbench.plotting.examples import (
 from lensbench.plotting.exits import exit_histogram, exit_trace_figure, exit_tradeoff_figure, policy_color
 from lensbench.plotting.style import (
     LENS_COLORS, LENS_LABELS, METRIC_LABELS, POLICY_LABELS, RUN_SYMBOLS, chance_line, final_line, layout, lens_color,
-    lens_dash, lens_label, lens_line, policy_label, run_symbol, value_range,
+    lens_dash, lens_label, lens_line, lens_order, policy_label, run_symbol, value_range,
 )
 
 __all__ = [
     "LENS_COLORS", "LENS_LABELS", "METRIC_LABELS", "POLICY_LABELS", "RUN_SYMBOLS", "X_LABELS", "ablation_figure",
     "ablation_lenses", "attention_heatmap", "candidate_heatmap", "candidate_heatmaps", "chance_line",
     "exit_histogram", "exit_trace_figure", "exit_tradeoff_figure", "final_line", "iso_compute_figure", "layout",
-    "lens_color", "lens_dash", "lens_label", "lens_line", "per_layer_figure", "pinned_token_figure", "policy_color",
+    "lens_color", "lens_dash", "lens_label", "lens_line", "lens_order", "per_layer_figure", "pinned_token_figure", "policy_color",
     "policy_label", "position_grid_figure", "run_symbol", "runs_per_layer_figure", "swap_figure", "table_figure",
     "token_attention_figure", "token_text", "value_range",
 ]

@@ -24,6 +24,9 @@ def token_text(token: str) -> str:
     return text.replace("\ufffd", "⟨byte⟩") if "\ufffd" in text else text
 
 
+VOCAB_COLUMN = "vocabulary top-1"
+
+
 def _candidate_labels(candidates: Sequence[str], gold: int | None) -> list[str]:
     labels = [token_text(c) + (" ✓" if gold is not None and i == gold else "") for i, c in enumerate(candidates)]
     seen: dict[str, int] = {}
@@ -50,7 +53,7 @@ def candidate_heatmaps(
     with `probs` the `exp` of the stored `candidate_logprobs`: the probability *renormalised over
     the candidates*, which the colour bar says; `hover` adds what is known of the full
     vocabulary (the candidate's absolute probability and rank, or a bound from the stored top-k);
-    `vocab_top1` is written at the right of each row. gold: the gold candidate's column (✓);
+    `vocab_top1` is written in a column of its own at the right. gold: the gold candidate's column (✓);
     decisions: the decided column per layer, marked with a red dot.
     """
     labels = _candidate_labels(candidates, gold)
@@ -73,13 +76,15 @@ def candidate_heatmaps(
                 x=[labels[int(d)] for d in panel["decisions"]], y=layers, mode="markers", name="decision",
                 marker=dict(symbol="circle", size=5, color="#d62728"), hoverinfo="skip", showlegend=False,
             ), row=row, col=col)
-        if panel.get("vocab_top1") is not None:
+        columns = list(labels)
+        if panel.get("vocab_top1") is not None:  # a column of its own, right of the candidates
+            columns.append(VOCAB_COLUMN)
             fig.add_trace(go.Scatter(
-                x=[labels[-1]] * len(layers), y=layers, mode="text", text=list(panel["vocab_top1"]),
-                textposition="middle right", textfont=dict(size=9, color="#444444"), showlegend=False,
-                hovertemplate="layer %{y}<br>vocabulary top-1: %{text}<extra></extra>", cliponaxis=False,
+                x=[VOCAB_COLUMN] * len(layers), y=layers, mode="text", text=list(panel["vocab_top1"]),
+                textposition="middle center", textfont=dict(size=9, color="#444444"), showlegend=False,
+                hovertemplate="layer %{y}<br>vocabulary top-1: %{text}<extra></extra>",
             ), row=row, col=col)
-        fig.update_xaxes(type="category", row=row, col=col)
+        fig.update_xaxes(type="category", categoryorder="array", categoryarray=columns, row=row, col=col)
         fig.update_yaxes(title_text="readout layer" if col == 1 else None, row=row, col=col)
     fig.update_layout(coloraxis=dict(colorscale="Blues", cmin=0, cmax=1, colorbar=dict(title=color_label)))
     return layout(fig, title, height=panel_height * n_rows + 40)

@@ -90,6 +90,14 @@ def lens_label(name: str) -> str:
     return "SimLens, " + "; ".join(_slot_source(part) for part in inner.split(","))
 
 
+def lens_order(names) -> list[str]:
+    """Lenses in one reading order everywhere: the logit lens, SimLens, Linear SimLens, the
+    tuned lens, then SimLens's ablations and any other lens (in their given order)."""
+    first = ["logit", "simlens", "linear-simlens", "tuned"]
+    names = list(dict.fromkeys(names))
+    return [n for n in first if n in names] + [n for n in names if n not in first]
+
+
 def policy_label(name: str) -> str:
     return POLICY_LABELS.get(name, name)
 
@@ -103,7 +111,7 @@ def layout(fig: go.Figure, title: str | None, height: int = 480, width: int | No
     """The shared layout: white template, the legend below (or at the right) the plot."""
     legends = {
         "bottom": dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0),
-        "top": dict(orientation="h", yanchor="bottom", y=1.06, xanchor="left", x=0),
+        "top": dict(orientation="h", yanchor="bottom", y=1.1, xanchor="left", x=0),
         "right": dict(orientation="v", yanchor="top", y=1, xanchor="left", x=1.02),
     }
     fig.update_layout(
