@@ -63,19 +63,25 @@ class Prober:
         self.start_id = start_token_id(model.tokenizer, start_token)
         self.pad_id = pad_token_id(model.tokenizer, self.start_id)
         self._lenses: dict[tuple, list[Lens]] = {}
+        self._available: list[str] | None = None
 
     def available(self) -> list[str]:
         """The lens kinds this prober can build (the fitted ones only with their folders)."""
-        kinds = {"logit", "simlens"}
-        from lensbench.lenses.linear import load_linear_lenses
+        if self._available is None:
+            from lensbench.lenses.linear import load_linear_lenses
 
-        for kind in ("linear-simlens", "tuned"):
-            try:
-                if load_linear_lenses(self.linear_dirs, kind=kind):
-                    kinds.add(kind)
-            except LensbenchError:
-                pass
-        return [k for k in PROBE_LENSES if k in kinds]
+            kinds = {"logit", "simlens"}
+            for kind in ("linear-simlens", "tuned"):
+                try:
+                    lenses = load_linear_lenses(self.linear_dirs, kind=kind)
+                    for lens in lenses:
+                        lens.check_model(self.model)
+                    if lenses:
+                        kinds.add(kind)
+                except LensbenchError:
+                    pass
+            self._available = [k for k in PROBE_LENSES if k in kinds]
+        return list(self._available)
 
     def lenses(self, names: tuple[str, ...], ablations: tuple[str, ...] = ()) -> list[Lens]:
         """The lens objects of a key, built (and checked against the model) once."""

@@ -41,8 +41,15 @@ st.dataframe(rows, hide_index=True)
 
 all_lenses = plotting.lens_order(lens for s in summaries.values() for lens in s["lenses"])
 default = [lens for lens in all_lenses if not lens.startswith("simlens[")] or all_lenses
-lenses = st.pills("Lenses", all_lenses, selection_mode="multi", default=default, key="runs-lenses",
-                  format_func=plotting.lens_label) or []
+# A lens that comes with a newly compared run is shown (unless it is an ablation); the reader's
+# choices among the others stay.
+known = st.session_state.get("_lb_runs_lenses_known", [])
+if "runs-lenses" in st.session_state:
+    kept = [lens for lens in (st.session_state["runs-lenses"] or []) if lens in all_lenses]
+    st.session_state["runs-lenses"] = kept + [lens for lens in default if lens not in known and lens not in kept]
+st.session_state["_lb_runs_lenses_known"] = all_lenses
+lenses = st.pills("Lenses", all_lenses, selection_mode="multi", key="runs-lenses", format_func=plotting.lens_label,
+                  default=None if "runs-lenses" in st.session_state else default) or []
 
 st.subheader("Per-layer accuracy and fidelity")
 mixed = len({int(s["final_layer"]) for s in summaries.values()}) > 1

@@ -240,8 +240,8 @@ def _legend(app: App, index: int = 0) -> list[str]:
 def _pick(app: App, label: str, option: str, sidebar: bool = False) -> None:
     """Type `option` into the selectbox or multiselect labelled `label` and choose it."""
     scope = app.page.locator('[data-testid="stSidebar"]') if sidebar else app.page.locator('[data-testid="stMain"]')
-    labelled = re.compile(rf"^\s*{re.escape(label)}(?![A-Za-z])")
-    widget = scope.locator('[data-testid="stSelectbox"], [data-testid="stMultiSelect"]').filter(has_text=labelled).first
+    labelled = app.page.locator('[data-testid="stWidgetLabel"]', has_text=re.compile(rf"^\s*{re.escape(label)}\s*$"))
+    widget = scope.locator('[data-testid="stSelectbox"], [data-testid="stMultiSelect"]').filter(has=labelled).first
     widget.locator("input").first.click()
     app.page.keyboard.type(option)
     app.page.get_by_role("option").filter(has_text=re.compile(rf"^\s*{re.escape(option)}")).first.click()
