@@ -12,6 +12,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from lensbench.plotting.examples import token_text
 from lensbench.plotting.style import layout
 
 
@@ -80,7 +81,7 @@ def token_attention_figure(
     tokens: the prompt's tokens as text (the first is `[s]`, the last `[a]`); full: the
     weights over them; continuation: `{"[s]": w, "[a]": w}` (None: the block is not run).
     """
-    labels = [f"{i}: {t}" for i, t in enumerate(tokens)]
+    labels = [f"{i}: {token_text(t)}" for i, t in enumerate(tokens)]
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.5, 0.5], vertical_spacing=0.12,
                         subplot_titles=[f"full forward pass, block {block}, {head}",
                                         f"SimLens continuation from layer {readout_layer}, block {block}, {head}"
