@@ -192,12 +192,12 @@ def swap_figure(swap: Mapping[str, Mapping], title: str | None = None) -> go.Fig
         color, label = lens_color(name), lens_label(name)
         n = data.get("n_informative", [None] * len(data["layer"]))
         fig.add_trace(go.Scatter(
-            x=data["layer"], y=data["follow_donor"], mode="lines+markers", name=f"{label}: follows the donor",
+            x=data["layer"], y=data["follow_donor"], mode="lines+markers", name=f"{label}: follows donor",
             legendgroup=name, line=dict(color=color), customdata=n, connectgaps=False,
             hovertemplate="layer %{x}<br>follows the donor %{y:.3f}<br>informative pairs %{customdata}<extra></extra>",
         ), row=1, col=1)
         fig.add_trace(go.Scatter(
-            x=data["layer"], y=data["stay_recipient"], mode="lines+markers", name=f"{label}: stays with the recipient",
+            x=data["layer"], y=data["stay_recipient"], mode="lines+markers", name=f"{label}: stays with recipient",
             legendgroup=name, line=dict(color=color, dash="dot"), marker=dict(symbol="x"), customdata=n,
             connectgaps=False,
             hovertemplate="layer %{x}<br>stays %{y:.3f}<br>informative pairs %{customdata}<extra></extra>",

@@ -260,7 +260,7 @@ def test_roles_page(app_runs, small, monkeypatch):
     ablation, swap, attention_all, attention_point = figures(at)
     shown = {t["legendgroup"]: values(t["y"]) for t in traces(ablation)}
     assert np.allclose(shown["simlens[drop-s]"], summary["lenses"]["simlens[drop-s]"]["accuracy"])
-    follow = next(t for t in traces(swap) if t["name"].endswith("follows the donor"))
+    follow = next(t for t in traces(swap) if t["name"].endswith("follows donor"))
     counts = next(t for t in traces(swap, "bar"))  # the informative pairs behind each rate
     assert values(counts["y"]) == summary["swap"]["simlens[a=swap]"]["n_informative"]
     assert not [t for t in traces(ablation) if t["name"].startswith("simlens[")]  # friendly names only
