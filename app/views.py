@@ -218,13 +218,42 @@ def show_position_grid(prober, tokens: list[int], lens_names: list[str], key: st
     ui.plot(fig, key=plot_key)
 
 
+def embedded_run(run) -> bool:
+    """Whether the run's model is the embedded one, which the app can rerun."""
+    from app import model as embedded
+
+    return run.manifest.get("model", {}).get("spec") == embedded.MODEL
+
+
+def exact_pin(run, example: pd.Series, token: str, lenses: list[str]) -> dict | None:
+    """A pinned token's exact probability and rank per layer, recomputed with the embedded model
+    for the run's lenses (ablations that read the run's other examples — swaps, a donor example,
+    the data-set mean — are left out)."""
+    from app import model as embedded
+    from lensbench.errors import LensbenchError
+
+    prober = embedded.prober(tuple(run.manifest.get("config", {}).get("linear", []) or []))
+    kinds = [k for k in ("logit", "simlens", "linear-simlens", "tuned") if k in lenses]
+    ablations = [name[len("simlens["):-1] for name in lenses
+                 if name.startswith("simlens[") and not any(k in name for k in ("swap", "example:", "mean"))]
+    if ablations and "simlens" not in kinds:
+        kinds.append("simlens")
+    try:
+        result = prober.probe(example["prompt"], list(example["choices"]), int(example["gold"]), kinds, ablations,
+                              pinned=[token])
+    except LensbenchError as exc:
+        st.warning(str(exc))
+        return None
+    return {name: curve for name, curve in result.tracked[token].items() if name in lenses}
+
+
 def show_position_section(run, example: pd.Series, key: str) -> None:
     """The position grid of a stored example, when its run's model is the embedded one."""
     from app import model as embedded
 
     st.subheader("Prediction trajectory over all positions")
     spec = run.manifest.get("model", {}).get("spec")
-    if spec != embedded.MODEL:
+    if not embedded_run(run):
         st.info(f"This view reruns the model on the prompt; the app runs only the embedded {embedded.MODEL}, and "
                 f"this run's model is {spec}. The Live probe shows it for any prompt.")
         return

@@ -138,7 +138,7 @@ for name in exits.POLICIES:
         marks.append({"x": point["layer_token_speedup"], "y": point["accuracy"], "policy": name,
                       "label": f"{plotting.policy_label(name)}: {where}"})
     else:
-        first = starts[0] if name == policy else next((f"calibrated: {c['target']}" for c in calibrations_of(name)), BEST)
+        first = next((f"calibrated: {c['target']}" for c in calibrations_of(name)), BEST)
         r, label = start_point(name, other, first)
         marks.append({"x": other.iloc[r]["layer_token_speedup"], "y": other.iloc[r]["accuracy"], "policy": name,
                       "symbol": "circle-open", "size": 14,

@@ -33,9 +33,10 @@ with st.form("live-form"):
     c1, c2 = st.columns([1, 1])
     candidates_text = c1.text_area("Candidates (one per line)", DEFAULT_CANDIDATES, height=120, key="live-candidates")
     gold_text = c1.text_input("Gold candidate (optional, exact text)", " Paris", key="live-gold")
-    lenses = c2.multiselect("Lenses", available, default=available, key="live-lenses", format_func=plotting.lens_label)
-    ablations = c2.multiselect("SimLens slot ablations", ABLATIONS, default=ABLATIONS, key="live-ablations",
-                               format_func=lambda a: plotting.lens_label(f"simlens[{a}]"))
+    lenses = c2.pills("Lenses", available, selection_mode="multi", default=available, key="live-lenses",
+                      format_func=plotting.lens_label) or []
+    ablations = c2.pills("SimLens slot ablations", ABLATIONS, selection_mode="multi", default=ABLATIONS,
+                         key="live-ablations", format_func=lambda a: plotting.lens_label(f"simlens[{a}]")) or []
     extra = c2.text_input("More ablations (e.g. s=token:\" the\", a=position:-2)", "", key="live-extra")
     pin = c2.text_input("Pin a token (its probability and rank across layers)", " Paris", key="live-pin")
     c2.text_input("Fitted lens folders for Linear SimLens / the tuned lens (separated by ':')", dirs_text,

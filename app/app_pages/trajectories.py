@@ -91,7 +91,15 @@ views.show_trajectories(traj, example, shown, key="traj")
 
 st.subheader("Pin a token")
 pin = st.text_input("Token (mind the leading space)", choices[int(example["gold"])], key="traj-pin")
-if pin:
+exact = views.embedded_run(run) and st.checkbox("exact at every rank (reruns the embedded model on this prompt)",
+                                                 key="traj-pin-exact")
+if pin and exact:
+    curves = views.exact_pin(run, example, pin, shown)
+    if curves:
+        st.caption(f"The full-vocabulary probability and rank of {pin!r} per layer under each lens, recomputed with "
+                   "the model (`lensbench.probe`).")
+        ui.plot(plotting.pinned_token_figure(curves, pin), key="traj-pin-fig")
+elif pin:
     curves = views.stored_pin(traj, pin, shown)
     known = sum(v is not None for c in curves.values() for v in c["prob"])
     st.caption(f"The full-vocabulary probability and rank of {pin!r} per layer under each lens, as far as the stored "

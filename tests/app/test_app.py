@@ -226,6 +226,16 @@ def test_trajectories_position_grid_and_pin(app_runs, embedded, monkeypatch):
     at = make_app(app_runs, monkeypatch, "trajectories")
     assert any(f.get("layout", {}).get("title", {}).get("text", "").startswith("p(") or
                "over the whole vocabulary" in json.dumps(f["layout"]) for f in figures(at))  # the pinned token
+    pin = at.text_input(key="traj-pin").value
+    stored = {t["legendgroup"]: values(t["y"]) for t in traces(figures(at)[1]) if t.get("xaxis", "x") == "x"}
+    at.checkbox(key="traj-pin-exact").check().run(timeout=300)  # exact, with the model
+    assert not at.exception, [e.value for e in at.exception]
+    exact = {t["legendgroup"]: values(t["y"]) for t in traces(figures(at)[1]) if t.get("xaxis", "x") == "x"}
+    assert "simlens[a=swap]" not in exact and {"logit", "simlens", "simlens[drop-s]"} <= set(exact)
+    for lens, probs in stored.items():  # where the stored top-k knew it, the exact value agrees
+        for known, value in zip(probs, exact.get(lens, probs)):
+            if known is not None:
+                assert value == pytest.approx(known, abs=2e-4), (pin, lens)
     at.toggle(key="traj-grid-on").set_value(True).run(timeout=300)
     assert not at.exception, [e.value for e in at.exception]
     grid = figures(at)[-1]
@@ -406,7 +416,7 @@ def test_live_probe(app_runs, embedded, monkeypatch):
 
     at.text_area(key="live-prompt").input("Q: What is the capital of Italy?\nA:")
     at.text_area(key="live-candidates").input(" Rome\n Paris")
-    at.multiselect(key="live-ablations").set_value([])
+    at.button_group(key="live-ablations").set_value([])
     at.button[0].click().run(timeout=300)
     assert not at.exception
     assert len(traces(figures(at)[0], "heatmap")) == 2
