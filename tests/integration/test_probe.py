@@ -90,3 +90,19 @@ def test_position_grid_agrees_with_the_probe(prober):
         assert np.allclose(np.stack(rows["topk_probs"].to_list()), grid.top_probs[:, -1], atol=2e-4)
         assert grid.top_ids.shape[:2] == (31, len(result.tokens))
         assert np.allclose(grid.kl_final[-1], 0, atol=1e-5)  # the final layer is the model's own output
+
+
+def test_the_prior_is_computed_once(prober, monkeypatch):
+    """SimLens with [a] dropped reads only the start token's states, the same for every prompt:
+    a second probe reuses its continuation (compared exactly) and stores the same rows."""
+    import lensbench.lenses.simlens as simlens
+
+    calls = []
+    original = simlens.continue_slots
+    monkeypatch.setattr(simlens, "continue_slots", lambda *a, **k: calls.append(a[1].shape) or original(*a, **k))
+    first = prober.probe("The capital of Italy is", [" Rome", " Paris"], 0, ["simlens"], ["drop-a"]).predictions
+    second = prober.probe("Q: The capital of Spain?\nA:", [" Madrid", " Rome"], 0, ["simlens"], ["drop-a"]).predictions
+    prior = [shape for shape in calls if shape[1] == 1]  # the one-slot [s] continuations
+    assert len(prior) <= 1
+    a, b = (f[f["lens"] == "simlens[drop-a]"] for f in (first, second))
+    assert np.allclose(np.stack(a["topk_probs"].to_list()), np.stack(b["topk_probs"].to_list()))
