@@ -159,8 +159,9 @@ def run_page(page) -> None:
     st.session_state["_lb_renders"] = st.session_state.get("_lb_renders", 0) + 1
     elapsed = time.perf_counter() - start
     # The plot count lets a browser test wait until every figure of this render is drawn.
+    note = st.session_state.pop("_lb_footer_note", None)  # what a page timed itself, for this render only
     st.caption(f"{page.title} rendered in {elapsed:.2f} s · render {st.session_state['_lb_renders']} · "
-               f"{st.session_state['_lb_plots']} plots")
+               f"{st.session_state['_lb_plots']} plots" + (f" · {note}" if note else ""))
 
 
 def distinct_labels(numbers: list[float]) -> list[str]:

@@ -66,6 +66,7 @@ if submitted:
         st.error(str(exc))
         raise ui.PageEnd
     st.session_state["live-result"] = result
+    st.session_state["_lb_footer_note"] = f"probe {result.seconds:.2f} s"
 
 result = st.session_state.get("live-result")
 if result is None:

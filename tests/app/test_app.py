@@ -409,6 +409,7 @@ def test_live_probe(app_runs, embedded, monkeypatch):
     answer = next(m for m in texts(at, "markdown") if m.startswith("Model's answer"))
     assert "' Paris'" in answer  # the embedded model knows the capital of France
     assert "probe computed in" in answer
+    assert " · probe " in footer(at)  # the probe's own time in the footer too
     pinned = figures(at)[1]  # the pinned token: probability and rank per layer, per lens
     ranks = [t for t in traces(pinned) if t.get("xaxis") == "x2"]
     assert len(ranks) == 4 and values(ranks[1]["y"])[-1] == 1  # ' Paris' is SimLens's top-1 at the end
