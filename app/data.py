@@ -8,8 +8,10 @@ derived results with `st.cache_data`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -123,8 +125,48 @@ def exit_data(path: str, stamp: int, policy: str, answer_lens: str, min_layer: i
 
 
 @st.cache_data(show_spinner="Sweeping thresholds…", max_entries=32)
-def operating_curve(path: str, stamp: int, policy: str, answer_lens: str, min_layer: int) -> pd.DataFrame:
-    return exits.curve_of(exit_data(path, stamp, policy, answer_lens, min_layer))
+def operating_curve(path: str, stamp: int, policy: str, answer_lens: str, min_layer: int,
+                    extra: tuple[float, ...] = ()) -> pd.DataFrame:
+    """`exits.curve_of` over the library's default thresholds plus `extra` ones (e.g. the
+    calibrated thresholds, so that they are exact points of the curve), with every operating
+    point once: thresholds that exit exactly the same examples at the same layers are one step
+    (an `extra` threshold stands for its step)."""
+    prepared = exit_data(path, stamp, policy, answer_lens, min_layer)
+    if prepared.confidence is None:
+        return exits.curve_of(prepared)
+    thresholds = np.unique(np.concatenate([exits.default_thresholds(prepared), np.asarray(extra, dtype=float)]))
+    curve = exits.curve_of(prepared, thresholds)
+    outcome = [tuple(exits.exit_layers(prepared, float(t)).tolist()) for t in curve["threshold"]]
+    keep = {}
+    for row, (tau, key) in enumerate(zip(curve["threshold"], outcome)):
+        if key not in keep or float(tau) in extra:
+            keep[key] = row
+    return curve.iloc[sorted(keep.values())].reset_index(drop=True)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def chance(path: str, stamp: int) -> float | None:
+    """Chance accuracy of the run's task: the mean over examples of 1 / number of candidates."""
+    ex = examples(path, stamp)
+    if ex.empty:
+        return None
+    return float(np.mean([1.0 / len(c) for c in ex["choices"]]))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def calibrations(path: str, stamp: int) -> list[dict]:
+    """The global-threshold results of `lensbench calibrate --json` stored in the run folder
+    (`calibration.json`, written for the test run), else none."""
+    file = Path(path) / "calibration.json"
+    if not file.is_file():
+        return []
+    try:
+        saved = json.loads(file.read_text())
+    except (ValueError, OSError):
+        return []
+    saved = saved if isinstance(saved, list) else [saved]
+    return [c for c in saved if isinstance(c, dict) and isinstance(c.get("threshold"), (int, float))
+            and c.get("policy") in exits.POLICIES]
 
 
 @st.cache_data(show_spinner=False, max_entries=256)

@@ -21,8 +21,17 @@ from app import ui  # noqa: E402
 
 st.set_page_config(page_title="lensbench", page_icon=":material/search:", layout="wide")
 
+RUNS = st.Page("app_pages/runs.py", title="Runs", icon=":material/monitoring:", url_path="runs")
+
+
+def home() -> None:
+    """The address without a page opens the Runs page, which keeps its own address (`/runs`)."""
+    st.switch_page(RUNS, query_params=st.query_params.to_dict())
+
+
 PAGES = [
-    st.Page("app_pages/runs.py", title="Runs", icon=":material/monitoring:", url_path="runs", default=True),
+    st.Page(home, title="lensbench", url_path="home", default=True, visibility="hidden"),
+    RUNS,
     st.Page("app_pages/trajectories.py", title="Trajectories", icon=":material/timeline:", url_path="trajectories"),
     st.Page("app_pages/roles.py", title="Roles", icon=":material/theater_comedy:", url_path="roles"),
     st.Page("app_pages/exits.py", title="Exits", icon=":material/logout:", url_path="exits"),

@@ -65,10 +65,24 @@ def sidebar() -> None:
             st.session_state["run"] = (complete or paths)[0]
         labels = {str(r.path): _run_label(r) for r in runs}
         st.sidebar.selectbox("Run", paths, key="run", format_func=lambda p: labels.get(p, p))
+        chosen = next(r for r in runs if str(r.path) == st.session_state["run"])
+        # The selectbox cuts long names: the whole name (wrapped) and what the run is, below it.
+        st.sidebar.caption(f'<div class="lb-run-name" style="word-break:break-all"><b>{chosen.name}</b><br>'
+                           f"{run_description(chosen)}</div>", unsafe_allow_html=True)
     if broken:
         with st.sidebar.expander(f"{len(broken)} unreadable run folder(s)"):
             for path, error in broken:
                 st.caption(f"**{Path(path).name}**: {error}")
+
+
+def run_description(run: Run) -> str:
+    """`model · task · N examples · L layers`, from the manifest."""
+    manifest = run.manifest
+    model = manifest.get("model", {})
+    parts = [model.get("spec"), manifest.get("task"),
+             f"{manifest['n_examples']} examples" if manifest.get("n_examples") is not None else None,
+             f"{model['n_layers']} layers" if model.get("n_layers") else None]
+    return " · ".join(str(p) for p in parts if p)
 
 
 def runs() -> list[Run]:
@@ -145,8 +159,9 @@ def run_page(page) -> None:
     st.session_state["_lb_renders"] = st.session_state.get("_lb_renders", 0) + 1
     elapsed = time.perf_counter() - start
     # The plot count lets a browser test wait until every figure of this render is drawn.
+    note = st.session_state.pop("_lb_footer_note", None)  # what a page timed itself, for this render only
     st.caption(f"{page.title} rendered in {elapsed:.2f} s · render {st.session_state['_lb_renders']} · "
-               f"{st.session_state['_lb_plots']} plots")
+               f"{st.session_state['_lb_plots']} plots" + (f" · {note}" if note else ""))
 
 
 def distinct_labels(numbers: list[float]) -> list[str]:
@@ -156,6 +171,18 @@ def distinct_labels(numbers: list[float]) -> list[str]:
         if len(set(labels)) == len(labels):
             return labels
     return [repr(x) for x in numbers]
+
+
+def ranges(numbers: list[int]) -> str:
+    """`[0, 1, 2, 5, 7, 8]` -> `0–2, 5, 7–8`."""
+    parts, start = [], None
+    for i, n in enumerate(numbers):
+        if start is None:
+            start = n
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            parts.append(f"{start}–{n}" if n != start else f"{n}")
+            start = None
+    return ", ".join(parts)
 
 
 def plot(fig, key: str) -> None:

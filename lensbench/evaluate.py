@@ -30,6 +30,10 @@ class BatchResult:
     attention_sum: torch.Tensor | None = None  # (point, block, head)
     attention_count: torch.Tensor | None = None  # (point, block)
     attention_lens: str | None = None  # the lens whose output had the attention
+    # With `track_ids`: each tracked token's full-vocabulary log-probability and rank (1 = top-1),
+    # arrays of shape (lens, point, example, tracked token).
+    tracked_logprobs: np.ndarray | None = None
+    tracked_ranks: np.ndarray | None = None
 
 
 @torch.inference_mode()
@@ -40,8 +44,12 @@ def evaluate_batch(
     batch: list[EncodedExample],
     topk: int = 5,
     entropy: str = "candidates",
+    track_ids: list[int] | tuple[int, ...] = (),
 ) -> BatchResult:
     """Run every lens at every readout point on one batch of examples.
+
+    track_ids: token ids whose full-vocabulary log-probability and rank are also returned
+    (`BatchResult.tracked_logprobs`, `tracked_ranks`; the live probe's pinned tokens).
 
     Everything up to the decisions stays on the model's device; the results cross to the host
     once, at the end (no synchronisation per lens, point or row), and the columns are built
@@ -73,6 +81,8 @@ def evaluate_batch(
     vocab = model.cfg.d_vocab_out
     chunk = max(1, int(3e7 // (b * vocab)))  # bound the (point, batch, vocab) logits in memory
     per_lens = []  # (decision, entropy, candidate logprobs, top-k probs, top-k ids), each (point, b, ...)
+    tracked = torch.tensor(list(track_ids), dtype=torch.long, device=out_device) if len(track_ids) else None
+    per_lens_tracked = []
     for lens in lenses:
         output = lens.final_residuals(lens_batch)
         if output.attention is not None:
@@ -83,7 +93,7 @@ def evaluate_batch(
             counts = valid[..., 0].sum(1).float()
             attention_sum = sums if attention_sum is None else attention_sum + sums
             attention_count = counts if attention_count is None else attention_count + counts
-        parts = []
+        parts, tracked_parts = [], []
         for start in range(0, len(points), chunk):
             # (p, b, vocab) float32 logits; (p, 1, vocab) for a lens shared by the whole batch,
             # read out once and broadcast (as views) to every example's candidates.
@@ -94,6 +104,10 @@ def evaluate_batch(
             top_logits, top_i = logits.topk(topk, dim=-1)
             top_p = (top_logits - log_norm).exp()
             vocab_entropy = readout_entropy(logits - log_norm) if entropy == "vocab" else None
+            if tracked is not None:
+                chosen = logits[..., tracked]  # (p, rows, k)
+                ranks = (logits[..., None, :] > chosen[..., None]).sum(-1) + 1
+                tracked_parts.append(((chosen - log_norm).expand(-1, b, -1), ranks.expand(-1, b, -1)))
             if output.shared:
                 logits, top_p, top_i = (t.expand(-1, b, -1) for t in (logits, top_p, top_i))
                 vocab_entropy = None if vocab_entropy is None else vocab_entropy.expand(-1, b)
@@ -104,14 +118,19 @@ def evaluate_batch(
             del logits
             parts.append((cand_logprobs.argmax(-1), ent, cand_logprobs, top_p, top_i))
         per_lens.append([torch.cat(field) for field in zip(*parts)])
+        if tracked is not None:
+            per_lens_tracked.append([torch.cat(field) for field in zip(*tracked_parts)])
     # The one transfer to the host: (lens, point, b, ...) arrays.
     decision, ent, cand_lp, top_p, top_i = (torch.stack(f).cpu().numpy() for f in zip(*per_lens))
     final_np = final_decision.cpu().numpy()
     if attention_sum is not None:
         attention_sum, attention_count = attention_sum.cpu(), attention_count.cpu()
+    tracked_lp = tracked_rank = None
+    if per_lens_tracked:
+        tracked_lp, tracked_rank = (torch.stack(f).cpu().numpy() for f in zip(*per_lens_tracked))
     return BatchResult(
         _batch_columns(model.tokenizer, lenses, points, batch, decision, ent, cand_lp, top_p, top_i, final_np),
-        attention_sum, attention_count, attention_lens,
+        attention_sum, attention_count, attention_lens, tracked_lp, tracked_rank,
     )
 
 

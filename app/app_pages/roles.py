@@ -20,13 +20,15 @@ if not ablations:
     st.info(f"Run `{run.name}` has no SimLens slot ablations; evaluate with e.g. "
             "`--lenses logit,simlens --ablations drop-s,drop-a,a=swap` to see them.")
 else:
-    chosen = st.multiselect("Ablations", ablations, default=ablations, key="roles-ablations")
+    chosen = st.pills("Ablations", ablations, selection_mode="multi", default=ablations, key="roles-ablations",
+                      format_func=plotting.lens_label) or []
     metric = st.radio("Metric", ["accuracy", "fidelity"], horizontal=True, key="roles-metric")
     references = [r for r in ("simlens", "logit") if r in per_layer]
     fig = plotting.ablation_figure(per_layer, chosen, references, metrics=(metric,),
-                                   final_accuracy=summary["final_accuracy"])
+                                   final_accuracy=summary["final_accuracy"],
+                                   chance=data.chance(path, stamp) if metric == "accuracy" else None)
     ui.plot(fig, key="roles-ablation")
-    table = pd.DataFrame({lens: per_layer[lens][metric] for lens in [*references, *chosen]},
+    table = pd.DataFrame({plotting.lens_label(lens): per_layer[lens][metric] for lens in [*references, *chosen]},
                          index=pd.Index(per_layer[(references or chosen)[0]]["layer"], name="layer"))
     with st.expander(f"{metric} per layer (table)"):
         st.dataframe(table.style.format("{:.3f}"), height=300)
@@ -36,9 +38,17 @@ swap = summary.get("swap") or {}
 if not swap:
     st.info("No slot swaps in this run (e.g. `--ablations a=swap`): nothing to follow.")
 else:
-    st.caption("Among pairs whose donor and recipient decide differently under SimLens: how often the swapped "
-               "run's decision follows the donor (the slot carries the example) or stays with the recipient.")
+    st.caption("Among the *informative* pairs — those whose donor and recipient decide differently under SimLens at "
+               "that layer — how often the swapped run's decision follows the donor (the slot carries the example) or "
+               "stays with the recipient; the bars count the informative pairs. A gap is a layer with none: every "
+               "pair decides alike there, so there is nothing to follow.")
     ui.plot(plotting.swap_figure(swap), key="roles-swap")
+    for name, rates in swap.items():
+        counts = rates.get("n_informative", [])
+        empty = [layer for layer, n in zip(rates["layer"], counts) if not n]
+        if empty:
+            st.caption(f"{plotting.lens_label(name)}: no informative pair at layer(s) "
+                       f"{ui.ranges(empty)}; {max(counts)} at most elsewhere.")
 
 st.subheader("Attention from [a] to [s] in the continuation")
 attention = data.attention(path, stamp)
@@ -47,6 +57,8 @@ if attention is None:
 else:
     mean, points = attention
     left, right = st.columns(2)
+    st.caption("The continuation from readout layer l runs blocks l…L−1 only, so blocks below the readout layer "
+               "have no attention to show (blank).")
     with left:
         ui.plot(plotting.attention_heatmap(mean, points, title="mean over heads"), key="roles-att-all")
     with right:

@@ -12,8 +12,16 @@ run = ui.current_run()
 complete = ui.complete_runs()
 paths = [str(r.path) for r in complete]
 by_path = {str(r.path): r for r in complete}
-chosen = st.multiselect("Runs to compare", paths, default=[str(run.path)], key="runs-compare",
-                        format_func=lambda p: by_path[p].name)
+# The run chosen in the sidebar is always the first run compared: choosing another run there
+# replaces it here (the other runs compared stay).
+previous = st.session_state.get("_lb_runs_sidebar_run")
+compared = [p for p in st.session_state.get("runs-compare", []) if p in by_path]
+if previous != str(run.path) or not compared:
+    compared = [str(run.path)] + [p for p in compared if p not in (previous, str(run.path))]
+    st.session_state["runs-compare"] = compared
+st.session_state["_lb_runs_sidebar_run"] = str(run.path)
+chosen = st.multiselect("Runs to compare", paths, key="runs-compare", format_func=lambda p: by_path[p].name,
+                        help="the first is the run chosen in the sidebar")
 if not chosen:
     st.info("Choose at least one run.")
     raise ui.PageEnd
@@ -25,22 +33,40 @@ for r in selected:
     s = summaries[r.name]
     rows.append({"run": r.name, "model": r.manifest.get("model", {}).get("spec"), "task": r.manifest.get("task"),
                  "examples": s["n_examples"], "layers": s["final_layer"], "final accuracy": round(s["final_accuracy"], 4),
-                 "lenses": ", ".join(s["lenses"])})
+                 "chance": round(data.chance(*data.key(r)) or float("nan"), 3),
+                 "lenses": ", ".join(plotting.lens_label(lens) for lens in s["lenses"])})
 st.dataframe(rows, hide_index=True)
 
-all_lenses = list(dict.fromkeys(lens for s in summaries.values() for lens in s["lenses"]))
+all_lenses = plotting.lens_order(lens for s in summaries.values() for lens in s["lenses"])
 default = [lens for lens in all_lenses if not lens.startswith("simlens[")] or all_lenses
-lenses = st.multiselect("Lenses", all_lenses, default=default, key="runs-lenses", format_func=plotting.lens_label)
+# A lens that comes with a newly compared run is shown (unless it is an ablation); the reader's
+# choices among the others stay.
+known = st.session_state.get("_lb_runs_lenses_known", [])
+if "runs-lenses" in st.session_state:
+    kept = [lens for lens in (st.session_state["runs-lenses"] or []) if lens in all_lenses]
+    st.session_state["runs-lenses"] = kept + [lens for lens in default if lens not in known and lens not in kept]
+st.session_state["_lb_runs_lenses_known"] = all_lenses
+lenses = st.pills("Lenses", all_lenses, selection_mode="multi", key="runs-lenses", format_func=plotting.lens_label,
+                  default=None if "runs-lenses" in st.session_state else default) or []
 
 st.subheader("Per-layer accuracy and fidelity")
-if len(selected) == 1:
-    s = summaries[selected[0].name]
-    curves, final = s["lenses"], s["final_accuracy"]
-    names = lenses
-else:
-    curves = {f"{name} · {lens}": v for name, s in summaries.items() for lens, v in s["lenses"].items() if lens in lenses}
-    names, final = list(curves), None
-ui.plot(plotting.per_layer_figure(curves, names, final_accuracy=final), key="runs-per-layer")
+mixed = len({int(s["final_layer"]) for s in summaries.values()}) > 1
+if st.session_state.get("_lb_runs_mixed") != mixed or "runs-axis" not in st.session_state:
+    # runs of different depths are compared on relative depth unless the reader chooses otherwise
+    st.session_state["runs-axis"] = "relative" if mixed else "layer"
+st.session_state["_lb_runs_mixed"] = mixed
+c1, c2 = st.columns(2)
+axis = c1.radio("Layer axis", ["layer", "relative"], horizontal=True, key="runs-axis",
+                format_func=lambda x: {"layer": "layer", "relative": "relative depth (layer / number of layers)"}[x],
+                help="relative depth puts models of different depths on one axis")
+arrangement = "overlay"
+if len(selected) > 1:
+    arrangement = c2.radio("Runs", ["facet", "overlay"], horizontal=True, key="runs-arrangement",
+                           format_func=lambda x: {"facet": "side by side", "overlay": "overlaid (one marker per run)"}[x])
+curves = {r.name: {"lenses": summaries[r.name]["lenses"], "n_layers": int(summaries[r.name]["final_layer"]),
+                   "final_accuracy": summaries[r.name]["final_accuracy"], "chance": data.chance(*data.key(r))}
+          for r in selected}
+ui.plot(plotting.runs_per_layer_figure(curves, lenses, x=axis, arrangement=arrangement), key="runs-per-layer")
 
 st.subheader("Iso-Compute accuracy")
 st.caption("Accuracy at the deepest readout point whose mean per-example cost fits the budget "

@@ -50,6 +50,7 @@ class SimLens(Lens):
         self._means = None
         self._donor: dict[int, int] = {}
         self._ctx: RunContext | None = None
+        self._shared_memo: tuple | None = None  # (z, points, resid, attention) of the last shared input
 
     def extra_positions(self) -> tuple[int, ...]:
         return tuple(src.arg for _, src in self.ablation.slots if src.kind == "position")
@@ -152,6 +153,12 @@ class SimLens(Lens):
         if shared:  # one row per point stands for the whole batch
             z = z[:, :1]
             position_ids = None if position_ids is None else position_ids[:, :1]
+            # The same input as the previous batch's (the start token's states): the same output,
+            # computed once (a pure function of `z`, compared exactly).
+            memo = self._shared_memo
+            if (memo is not None and memo[0].shape == z.shape and memo[0].device == z.device
+                    and torch.equal(memo[0], z) and memo[1] == batch.slots.points):
+                return LensOutput(memo[2], memo[3], shared)
         n_points, b, n_slots, d_model = z.shape
         starts = [p for p in batch.slots.points for _ in range(b)]
         flat_pos = None if position_ids is None else position_ids.reshape(n_points * b, n_slots)
@@ -160,7 +167,10 @@ class SimLens(Lens):
             batch.model, z.reshape(n_points * b, n_slots, d_model), starts, flat_pos, self.capture_attention, graphs
         )
         attention = None if attention is None else attention.reshape(n_points, b, *attention.shape[1:])
-        return LensOutput(resid.reshape(n_points, b, d_model), attention, shared)
+        resid = resid.reshape(n_points, b, d_model)
+        if shared:
+            self._shared_memo = (z.clone(), list(batch.slots.points), resid, attention)
+        return LensOutput(resid, attention, shared)
 
     def logits_hooked(self, batch: LensBatch, point_index: int) -> Float[Tensor, "primary d_vocab"]:
         """The reference formulation at one readout point, for the same batch."""

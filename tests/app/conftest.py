@@ -35,3 +35,23 @@ def app_runs(tmp_path_factory, source_run) -> Path:
     old.mkdir()
     (old / "manifest.json").write_text(json.dumps(dict(manifest, format_version=0)))
     return root
+
+
+RESULTS = Path(__file__).resolve().parents[2] / "results"
+STORED = {  # the stored result runs the tests show: 24, 28 layers; calibration, BoolQ, 7 lenses
+    "arc-easy-0.5b": RESULTS / "h200-qwen2.5-coder-0.5b" / "qwen2.5-coder-0.5b-arc-easy-test-test",
+    "boolq-0.5b": RESULTS / "h200-qwen2.5-coder-0.5b" / "qwen2.5-coder-0.5b-boolq-test",
+    "arc-easy-1.5b": RESULTS / "cpu-qwen2.5-coder-1.5b" / "qwen2.5-coder-1.5b-arc-easy-test-test",
+}
+
+
+@pytest.fixture(scope="session")
+def stored_runs(tmp_path_factory, source_run) -> Path:
+    """A runs folder of stored result runs (results/) next to the small run of the embedded model."""
+    root = tmp_path_factory.mktemp("stored-runs")
+    for name, path in STORED.items():
+        if not (path / "manifest.json").exists():
+            pytest.skip(f"stored result run {path} is missing")
+        copy_run(path, root / name)
+    copy_run(source_run, root / "small")
+    return root

@@ -88,9 +88,44 @@ def test_runs_page_shows_the_library_numbers(app_runs, small, monkeypatch):
 
     at.multiselect(key="runs-compare").set_value([str(app_runs / "small"), str(app_runs / "small-b")]).run()
     assert not at.exception
-    names = {t["name"] for t in traces(figures(at)[0])}
-    assert {"small · simlens", "small-b · simlens"} <= names
+    runs_shown = {t.get("meta") for t in traces(figures(at)[0]) if t.get("meta")}
+    assert runs_shown == {"small", "small-b"}
     assert len(figures(at)) == 3  # per-layer curves and one Iso-Compute figure per run
+
+
+def test_runs_page_follows_the_sidebar_run(app_runs, monkeypatch):
+    """Defect 2: after the first load, choosing another run in the sidebar changes the runs compared."""
+    at = make_app(app_runs, monkeypatch)
+    assert at.multiselect(key="runs-compare").value == [str(app_runs / "small")]
+    at.selectbox(key="run").set_value(str(app_runs / "small-b")).run()
+    assert not at.exception
+    assert at.multiselect(key="runs-compare").value == [str(app_runs / "small-b")]
+    assert {t.get("meta") for t in traces(figures(at)[0])} == {"small-b"}
+    assert any("small-b" in c for c in texts(at, "caption"))  # the whole run name under the sidebar's selectbox
+
+
+def test_runs_page_visual_grammar(stored_runs, monkeypatch):
+    """Defect 4: three runs of 24, 28 and 30 layers: one colour per lens, the logit lens grey dashed,
+    one legend entry per lens, relative depth by default, a chance line, lenses as pills."""
+    at = make_app(stored_runs, monkeypatch, run="arc-easy-0.5b")
+    three = [str(stored_runs / n) for n in ("arc-easy-0.5b", "arc-easy-1.5b", "small")]
+    at.multiselect(key="runs-compare").set_value(three).run()
+    assert not at.exception
+    pills = at.button_group(key="runs-lenses")
+    lenses = ["logit", "simlens", "linear-simlens", "tuned", "simlens[drop-s]", "simlens[drop-a]"]
+    pills.set_value(lenses).run()
+    assert at.radio(key="runs-axis").value == "relative"
+    fig = figures(at)[0]
+    lines = [t for t in traces(fig) if t.get("meta")]
+    assert len({t["meta"] for t in lines}) == 3
+    assert len({t["line"]["color"] for t in lines}) == 6  # one colour per lens, not per (run, lens)
+    logit = [t for t in lines if t["legendgroup"] == "logit"]
+    assert logit and all(t["line"]["color"] == "#7f7f7f" and t["line"]["dash"] == "dash" for t in logit)
+    assert sum(1 for t in traces(fig) if t.get("showlegend", True) and t.get("name")) == 6  # legend: the lenses
+    assert max(max(values(t["x"])) for t in lines) == pytest.approx(1.0)  # layer / number of layers
+    assert not any(t["name"].startswith("simlens[") for t in lines)  # friendly names
+    chance = [a for a in fig["layout"]["annotations"] if a.get("text", "").startswith("chance")]
+    assert chance
 
 
 # --- Trajectories ---------------------------------------------------------------------------------
@@ -155,6 +190,65 @@ def test_trajectories_filters(app_runs, small, monkeypatch):
     assert "1 of" in " ".join(texts(at, "caption"))
 
 
+def test_trajectories_finding_the_question(stored_runs, monkeypatch):
+    """Defect 5: the query is shown apart from the demonstrations and search matches it alone;
+    BoolQ examples are named by document; layers run the same way in the heatmaps and the table."""
+    at = make_app(stored_runs, monkeypatch, "trajectories", run="arc-easy-0.5b")
+    examples = open_run(stored_runs / "arc-easy-0.5b").examples()
+    first = examples.iloc[0]
+    query = first["prompt"].rstrip("\n").rsplit("\n\n", 1)[-1]
+    shown = next(m for m in texts(at, "markdown") if 'class="lb-query"' in m)
+    assert query.split("\n")[0][:40] in shown and "Answer: B" not in shown  # no demonstration in the query box
+    at.text_input(key="traj-search").input("Lichens").run()
+    own = int(examples["prompt"].map(lambda p: "lichens" in p.rstrip("\n").rsplit("\n\n", 1)[-1].lower()).sum())
+    assert f"{own} of {len(examples)} examples match" in texts(at, "caption")
+    assert own < len(examples)
+    at.checkbox(key="traj-search-all").check().run()
+    assert f"{len(examples)} of {len(examples)} examples match" in texts(at, "caption")  # every prompt's demos
+
+    at = make_app(stored_runs, monkeypatch, "trajectories", run="boolq-0.5b")
+    assert any(m.startswith("**doc 0** — gold") for m in texts(at, "markdown"))
+    heat = figures(at)[0]
+    table = at.dataframe[0].value
+    assert int(table.index[0]) == max(values(traces(heat, "heatmap")[0]["y"]))  # the final layer first, at the top
+    axis = [v for k, v in heat["layout"].items() if k.startswith("yaxis")][0]
+    assert axis.get("autorange") != "reversed"
+    hover = traces(heat, "heatmap")[0]["customdata"]
+    assert "vocabulary" in json.dumps(hover)  # the absolute view next to the renormalised one
+    assert heat["layout"]["coloraxis"]["colorbar"]["title"]["text"].startswith("share among")
+
+
+def test_trajectories_position_grid_and_pin(app_runs, embedded, monkeypatch):
+    """The prediction trajectory over all positions for a run of the embedded model, and a pinned token."""
+    import lensbench.models
+
+    monkeypatch.setattr(lensbench.models, "load_model", lambda *a, **k: embedded)
+    at = make_app(app_runs, monkeypatch, "trajectories")
+    assert any(f.get("layout", {}).get("title", {}).get("text", "").startswith("p(") or
+               "over the whole vocabulary" in json.dumps(f["layout"]) for f in figures(at))  # the pinned token
+    pin = at.text_input(key="traj-pin").value
+    stored = {t["legendgroup"]: values(t["y"]) for t in traces(figures(at)[1]) if t.get("xaxis", "x") == "x"}
+    at.checkbox(key="traj-pin-exact").check().run(timeout=300)  # exact, with the model
+    assert not at.exception, [e.value for e in at.exception]
+    exact = {t["legendgroup"]: values(t["y"]) for t in traces(figures(at)[1]) if t.get("xaxis", "x") == "x"}
+    assert "simlens[a=swap]" not in exact and {"logit", "simlens", "simlens[drop-s]"} <= set(exact)
+    for lens, probs in stored.items():  # where the stored top-k knew it, the exact value agrees
+        for known, value in zip(probs, exact.get(lens, probs)):
+            if known is not None:
+                assert value == pytest.approx(known, abs=2e-4), (pin, lens)
+    at.toggle(key="traj-grid-on").set_value(True).run(timeout=300)
+    assert not at.exception, [e.value for e in at.exception]
+    grid = figures(at)[-1]
+    heat = traces(grid, "heatmap")[0]
+    z = np.array(values(heat["z"]), dtype=float)
+    assert z.shape[0] == 31 and z.shape[1] >= 5  # readout layers x input positions
+    assert len(heat["text"]) == 31 and heat["text"][-1][-1].strip()  # a top-1 token in every cell
+    at.selectbox(key="traj-grid-lens").set_value("simlens").run(timeout=300)
+    assert not at.exception
+    top_final = figures(at)[-1]["data"][0]["text"][-1]
+    assert top_final == heat["text"][-1]  # every lens is the model's own output at the final layer
+
+
 def test_trajectories_absent_example_id(app_runs, monkeypatch):
     monkeypatch.setenv("LENSBENCH_RUNS", str(app_runs))
     at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
@@ -177,6 +271,10 @@ def test_roles_page(app_runs, small, monkeypatch):
     shown = {t["legendgroup"]: values(t["y"]) for t in traces(ablation)}
     assert np.allclose(shown["simlens[drop-s]"], summary["lenses"]["simlens[drop-s]"]["accuracy"])
     follow = next(t for t in traces(swap) if t["name"].endswith("follows donor"))
+    counts = next(t for t in traces(swap, "bar"))  # the informative pairs behind each rate
+    assert values(counts["y"]) == summary["swap"]["simlens[a=swap]"]["n_informative"]
+    assert not [t for t in traces(ablation) if t["name"].startswith("simlens[")]  # friendly names only
+    assert "not run" in attention_point["layout"]["title"]["text"] or point == 0
     expected = [np.nan if v is None else v for v in summary["swap"]["simlens[a=swap]"]["follow_donor"]]
     assert np.allclose(np.array(values(follow["y"]), dtype=float), expected, equal_nan=True)
     mean, points = small.attention()
@@ -201,13 +299,16 @@ def metric_values(at: AppTest) -> dict[str, str]:
 
 def test_exits_page_threshold(app_runs, small, monkeypatch):
     at = make_app(app_runs, monkeypatch, "exits")
-    assert at.selectbox(key="exits-policy").value == "logit"
+    assert at.selectbox(key="exits-policy").value == "simlens"  # no Linear SimLens in this run
+    at.selectbox(key="exits-policy").set_value("logit").run()
     predictions, examples = small.predictions(), small.examples()
     curve = exits.operating_curve(predictions, examples, "logit")
     summary = small.summary()
     slider = at.select_slider[0]
     assert slider.label.startswith("Threshold")
-    assert len(slider.options) == len(curve)  # one step per operating point of the sweep
+    prepared = exits.prepare_exits(predictions, examples, "logit")
+    outcomes = {tuple(exits.exit_layers(prepared, float(t))) for t in curve["threshold"]}
+    assert len(slider.options) == len(outcomes)  # one step per distinct operating point of the sweep
     first_shown = metric_values(at)
 
     assert float(slider.options[0]) == 0.0
@@ -234,7 +335,42 @@ def test_exits_page_threshold(app_runs, small, monkeypatch):
     assert values(star["x"])[0] == pytest.approx(row["layer_token_speedup"])
     assert values(star["y"])[0] == pytest.approx(row["accuracy"])
     trace_fig = figures(at)[2]
-    assert any(shape.get("y0") == pytest.approx(top) for shape in trace_fig["layout"]["shapes"])  # threshold line
+    line = next(t for t in traces(trace_fig) if t.get("name", "").startswith("threshold"))  # in the legend, not over the exits
+    assert values(line["y"])[0] == pytest.approx(float(at.select_slider[0].value), rel=1e-3)  # a threshold of the last step
+    assert not [a for a in trace_fig["layout"].get("annotations", []) if "threshold" in a.get("text", "")]
+
+
+def test_exits_opens_on_simexit_at_the_calibrated_point(stored_runs, monkeypatch):
+    """Defect 1: a run with Linear SimLens and a stored calibration opens on SimExit at its calibrated
+    threshold (the numbers `lensbench calibrate` reported on this test run), with every policy's
+    curve in one plot and each policy's point marked."""
+    run = stored_runs / "arc-easy-0.5b"
+    at = make_app(stored_runs, monkeypatch, "exits", run="arc-easy-0.5b")
+    assert at.selectbox(key="exits-policy").value == "linear-simlens"
+    calibration = json.loads((run / "calibration.json").read_text())
+    first = next(c for c in calibration if c["policy"] == "linear-simlens" and c["answer_lens"] == "simlens")
+    assert at.selectbox(key="exits-start-linear-simlens-simlens-0").value == f"calibrated: {first['target']}"
+    shown = metric_values(at)
+    assert shown["accuracy"] == f"{first['test']['accuracy']:.3f}"
+    assert shown["mean exit layer"] == f"{first['test']['mean_exit_layer']:.1f}"
+    assert shown["speedup (layer-tokens)"] == f"{first['test']['layer_token_speedup']:.2f}×"
+    assert float(shown["exit rate"]) < 1  # not everything exits at layer 0
+    tradeoff = figures(at)[0]
+    names = {t["legendgroup"] for t in traces(tradeoff) if t.get("mode") != "markers" or len(values(t["x"])) > 1}
+    assert {"linear-simlens", "logit", "simlens"} <= names
+    assert any(t.get("marker", {}).get("symbol") == "diamond" for t in traces(tradeoff))  # the oracle
+    marks = [t for t in traces(tradeoff) if t.get("marker", {}).get("symbol") in ("star", "circle-open")]
+    assert len(marks) == 3  # the current point (star) and the other policies' points
+    assert any("calibrated" in m for m in texts(at, "markdown"))
+    assert any("can exceed the full model" in c for c in texts(at, "caption"))  # cost > full cost explained
+
+
+def test_exits_best_accuracy_without_calibration(stored_runs, monkeypatch):
+    at = make_app(stored_runs, monkeypatch, "exits", run="boolq-0.5b")
+    assert at.selectbox(key="exits-policy").value == "linear-simlens"
+    run = open_run(stored_runs / "boolq-0.5b")
+    curve = exits.operating_curve(run.predictions(), run.examples(), "linear-simlens")
+    assert metric_values(at)["accuracy"] == f"{curve['accuracy'].max():.3f}"
 
 
 def test_exits_policies(app_runs, monkeypatch):
@@ -272,20 +408,32 @@ def test_live_probe(app_runs, embedded, monkeypatch):
     assert len(heatmaps) == 4  # logit, SimLens, drop-[s], drop-[a]
     answer = next(m for m in texts(at, "markdown") if m.startswith("Model's answer"))
     assert "' Paris'" in answer  # the embedded model knows the capital of France
+    assert "probe computed in" in answer
+    assert " · probe " in footer(at)  # the probe's own time in the footer too
+    pinned = figures(at)[1]  # the pinned token: probability and rank per layer, per lens
+    ranks = [t for t in traces(pinned) if t.get("xaxis") == "x2"]
+    assert len(ranks) == 4 and values(ranks[1]["y"])[-1] == 1  # ' Paris' is SimLens's top-1 at the end
     z_before = values(heatmaps[1]["z"])
 
     at.text_area(key="live-prompt").input("Q: What is the capital of Italy?\nA:")
     at.text_area(key="live-candidates").input(" Rome\n Paris")
-    at.multiselect(key="live-ablations").set_value([])
+    at.button_group(key="live-ablations").set_value([])
     at.button[0].click().run(timeout=300)
     assert not at.exception
     assert len(traces(figures(at)[0], "heatmap")) == 2
     assert values(traces(figures(at)[0], "heatmap")[1]["z"]) != z_before
 
+    at.text_input(key="live-gold").input(" Pariss")  # not among the candidates: said, no ✓
+    at.button[0].click().run(timeout=300)
+    assert any("' Pariss' is not one of the candidates" in w for w in texts(at, "warning"))
+    assert "✓" not in json.dumps(figures(at)[0]["data"][0]["x"])
+
     at.text_area(key="live-candidates").input(" Rome\n Buenos Aires")  # not one token
     at.button[0].click().run(timeout=300)
     assert not at.exception
-    assert any("not one" in e for e in texts(at, "error"))
+    error = next(e for e in texts(at, "error"))
+    assert "' Buenos' + ' Aires'" in error and "--skip-invalid" not in error
+    assert not figures(at)  # the previous probe's result is not shown under the error
     assert len(loads) <= 1
 
 
