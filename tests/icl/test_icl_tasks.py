@@ -115,3 +115,17 @@ def test_multi_token_label_is_an_error(tmp_path, tokenizer):
     task = load_icl_task(str(write(tmp_path / "multi.jsonl", rows)))
     with pytest.raises(LensbenchError, match="' Qzxvwkj' .* tokens for this tokenizer"):
         label_token_ids(task, tokenizer)
+
+
+def test_builtin_labels_are_single_tokens_for_qwen():
+    """Qwen2.5's tokenizer, when the shipped qwen2.5-coder-0.5b has been converted on this machine."""
+    from lensbench.models import cache_root
+
+    folders = sorted(cache_root().glob("models/m-1d9614638d18024d-*/tokenizer"))
+    if not folders:
+        pytest.skip("qwen2.5-coder-0.5b is not converted here (bash scripts/install-models.sh qwen05)")
+    from transformers import AutoTokenizer
+
+    qwen = AutoTokenizer.from_pretrained(folders[0])
+    for name in builtin_tasks():
+        label_token_ids(load_icl_task(name), qwen)
