@@ -156,11 +156,18 @@ def summarize(frames: dict[str, pd.DataFrame], manifest: dict) -> dict:
     for condition in READ_CONDITIONS:
         curve = accuracy[f"{condition}/{lens}"]
         summary[f"{condition}_accuracy"] = _point(curve, curve["layer"].index(final_layer))
+    # The best patch layer among the non-trivial points: at the first `pre` point a local patch
+    # rebuilds the few-shot prompt and a global one rewrites the query's own embedding; at the
+    # last point a patch writes the output itself.
+    site = manifest.get("config", {}).get("site", "pre")
     best = {}
     for condition in PATCH_CONDITIONS:
         curve = accuracy.get(f"{condition}/output")
         if curve:
-            best[condition] = _point(curve, int(np.argmax(curve["accuracy"])))
+            layers = curve["layer"]
+            usable = [i for i, layer in enumerate(layers)
+                      if i != len(layers) - 1 and not (site == "pre" and layer == 0)] or list(range(len(layers)))
+            best[condition] = _point(curve, max(usable, key=lambda i: curve["accuracy"][i]))
     summary["best"] = best
     if "global" in best and "local" in best:
         summary["local_minus_global"] = paired_difference(pred, best["local"]["layer"], best["global"]["layer"])
