@@ -31,7 +31,7 @@ TARGET_COLORS = {"label": "#2ca02c", "separator": "#98df8a", "start": "#7f7f7f",
 
 def _band(fig, x, low, high, color, row=None, col=None):
     kw = dict(row=row, col=col) if row is not None else {}
-    fig.add_trace(go.Scatter(x=list(x) + list(x)[::-1], y=list(high) + list(low)[::-1], fill="toself", fillcolor=color,
+    fig.add_trace(go.Scatter(x=list(x) + list(x)[::-1], y=list(high) + list(low)[::-1], fill="toself", fillcolor=color, mode="lines",
                              opacity=0.12, line=dict(width=0), hoverinfo="skip", showlegend=False), **kw)
 
 
