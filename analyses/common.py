@@ -44,8 +44,9 @@ def formats_of(args) -> tuple[str, ...]:
     return formats
 
 
-def collect_runs(paths: Iterable[str | Path], complete_only: bool = True) -> list[Run]:
-    """Open the runs named (a folder of runs expands to its runs); incomplete ones are noted and skipped."""
+def collect_runs(paths: Iterable[str | Path], complete_only: bool = True, kind: str = "eval") -> list[Run]:
+    """Open the runs named (a folder of runs expands to its runs); incomplete ones are noted and
+    skipped, and so are runs of another kind (`eval` runs, or `icl` runs of `lensbench icl`)."""
     runs: list[Run] = []
     for path in paths:
         path = Path(path)
@@ -58,6 +59,8 @@ def collect_runs(paths: Iterable[str | Path], complete_only: bool = True) -> lis
         for item in found:
             if isinstance(item, tuple):
                 note(f"{item[0]}: {item[1]}; skipped")
+                continue
+            if item.manifest.get("kind", "eval") != kind:
                 continue
             if complete_only and item.status != "complete":
                 note(f"run {item.path} is not complete (status: {item.status}); skipped")

@@ -43,7 +43,7 @@ DEFAULT_TASKS = ("arc-easy", "arc-challenge", "boolq", "medmcqa")
 DEFAULT_LIMIT = 50
 DEFAULT_ABLATIONS = "drop-s,drop-a,a=swap"
 INSTALL_KEYS = {"gemma-3-270m": "gemma", "qwen2.5-coder-0.5b": "qwen05", "qwen2.5-coder-1.5b": "qwen15"}
-SCRIPTS = ("per_layer", "iso_compute", "roles", "simexit", "main_table")
+SCRIPTS = ("per_layer", "iso_compute", "roles", "simexit", "main_table", "icl")
 
 
 @dataclass
@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include", action="append", default=[], help="more run folders (or folders of runs) to draw (repeatable)")
     p.add_argument("--out", default=common.DEFAULT_OUT, help=f"figures folder (default {common.DEFAULT_OUT}/)")
     p.add_argument("--formats", default="png,html", help="png, html (default both)")
+    p.add_argument("--icl-tasks", default="all",
+                   help="ICL tasks to run `lensbench icl` on per model (default all built-ins; '' for none)")
+    p.add_argument("--icl-queries", type=int, default=24, help="queries per ICL run (default 24, CPU-feasible)")
+    p.add_argument("--icl-points", default="every:3", help="ICL patch points (default every:3 on the CPU; all for every layer)")
     p.add_argument("--skip-eval", action="store_true", help="make nothing; draw the runs that exist")
     p.add_argument("--refresh", action="store_true", help="replace complete runs made with other options (--overwrite)")
     p.add_argument("--dry-run", action="store_true", help="print what would be run, run nothing")
@@ -211,6 +215,23 @@ class Driver:
                        "--target", "all", "--measure-speed", "--device", self.args.device, "--dtype", self.args.dtype,
                        "--json", str(target))
 
+    def icl(self, model: str, task: str, root: Path) -> Path | None:
+        """`lensbench icl` on one built-in task (reused when complete with the same options)."""
+        folder = root / common._slug(Path(model).stem) / f"icl-{task}"
+        want = {"model": model, "task": task, "queries": self.args.icl_queries, "points": self.args.icl_points}
+        state, detail = run_state(folder, want)
+        if state == "complete":
+            print(f"reuse {folder}")
+            return folder
+        if state == "different" and not self.args.refresh:
+            print(f"note: {folder} holds a run made with other options ({detail}); kept (--refresh replaces it)", file=sys.stderr)
+            return folder
+        argv = ["icl", *self.common_model_args(model), "--task", task, "--queries", str(self.args.icl_queries),
+                "--points", self.args.icl_points, "--out", str(folder), "--quiet"]
+        if state == "different":
+            argv.append("--overwrite")
+        return folder if self.lensbench(*argv) else None
+
     def make(self, pair: Pair) -> Path | None:
         """Everything one (model, task) needs; the test run's folder, or None."""
         linear_ok = not self.args.no_linear
@@ -239,6 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     tasks = [t for t in args.tasks.split(",") if t]
+    if args.icl_tasks == "all":
+        from lensbench.icl.tasks import builtin_tasks
+
+        icl_tasks = list(builtin_tasks())
+    else:
+        icl_tasks = [t for t in args.icl_tasks.split(",") if t]
     driver = Driver(args)
     root = Path(args.runs)
     draw: list[str] = []
@@ -253,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
         for task in tasks:
             print(f"== {model} on {task} ({args.limit} calib + {args.limit} test examples, {args.device})", flush=True)
             made = driver.make(Pair(model, task, root))
+            if made is not None:
+                draw.append(str(made))
+        for task in icl_tasks:
+            print(f"== {model}: in-context learning on {task} ({args.icl_queries} queries, {args.device})", flush=True)
+            made = driver.icl(model, task, root)
             if made is not None:
                 draw.append(str(made))
     if args.skip_eval:

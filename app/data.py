@@ -174,3 +174,11 @@ def simulated_exits(path: str, stamp: int, policy: str, answer_lens: str, min_la
     """`exits.simulate_exits` at one threshold: one row per example."""
     return exits.simulate_exits(light_predictions(path, stamp), examples(path, stamp), policy, threshold,
                                 answer_lens, min_layer, map_cost=map_cost(path, stamp))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def icl_table(path: str, stamp: int, name: str) -> pd.DataFrame:
+    """A table of an ICL run (`queries`, `predictions`, `convergence`, `decode`, `attention`)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(Path(path) / f"{name}.parquet").to_pandas()

@@ -36,6 +36,7 @@ PAGES = [
     st.Page("app_pages/roles.py", title="Roles", icon=":material/theater_comedy:", url_path="roles"),
     st.Page("app_pages/exits.py", title="Exits", icon=":material/logout:", url_path="exits"),
     st.Page("app_pages/live.py", title="Live probe", icon=":material/science:", url_path="live"),
+    st.Page("app_pages/icl.py", title="ICL", icon=":material/school:", url_path="icl"),
 ]
 
 page = st.navigation(PAGES)

@@ -123,14 +123,23 @@ def status_message(run: Run) -> str | None:
     return f"Run `{run.name}` has status '{status}' and no results to show."
 
 
-def current_run() -> Run:
-    """The run chosen in the sidebar, complete; otherwise a message and the page ends."""
+def run_kind(run: Run) -> str:
+    """`eval` (lensbench eval) or `icl` (lensbench icl)."""
+    return run.manifest.get("kind", "eval")
+
+
+def current_run(kind: str = "eval") -> Run:
+    """The run chosen in the sidebar, complete and of `kind`; otherwise a message and the page ends."""
     available = runs()
     if not available:
         no_runs_message()
         raise PageEnd
     chosen = st.session_state.get("run")
     run = next((r for r in available if str(r.path) == chosen), available[0])
+    if run_kind(run) != kind:
+        other = "the ICL page" if run_kind(run) == "icl" else "the other pages"
+        st.info(f"Run `{run.name}` is a `lensbench {run_kind(run)}` run: see {other}, or choose another run in the sidebar.")
+        raise PageEnd
     message = status_message(run)
     if message:
         st.info(message)
@@ -138,8 +147,8 @@ def current_run() -> Run:
     return run
 
 
-def complete_runs() -> list[Run]:
-    return [r for r in runs() if r.status == "complete"]
+def complete_runs(kind: str = "eval") -> list[Run]:
+    return [r for r in runs() if r.status == "complete" and run_kind(r) == kind]
 
 
 def run_page(page) -> None:

@@ -13,12 +13,12 @@ import argparse
 import os
 import sys
 
-from lensbench.commands import calibrate, exit_speed, fit_linear, models, report, tasks
+from lensbench.commands import calibrate, exit_speed, fit_linear, icl, models, report, tasks
 from lensbench.commands import eval as eval_command
 from lensbench.errors import LensbenchError
 
 # In the order `lensbench --help` lists them.
-COMMANDS = [eval_command, tasks, models, fit_linear, report, calibrate, exit_speed]
+COMMANDS = [eval_command, tasks, models, fit_linear, report, calibrate, exit_speed, icl]
 
 
 class Parser(argparse.ArgumentParser):

@@ -37,6 +37,13 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from lensbench.icl.summary import format_icl_report, is_icl_run, write_icl_report
+
+    if is_icl_run(open_run(args.run)):  # an ICL run (`lensbench icl`) has its own tables
+        report, path = write_icl_report(open_run(args.run))
+        print(format_icl_report(report))
+        print(f"\nwritten: {path}")
+        return 0
     check_report_options(args.n_budgets, args.epsilon, args.max_drop, args.answer_lens)
     uncertainty.check_bootstrap(args.bootstrap, args.seed)
     if args.bootstrap_calib and (args.calib is None or args.bootstrap == 0 or args.per_layer):

@@ -274,6 +274,7 @@ def test_roles_page(app_runs, small, monkeypatch):
     counts = next(t for t in traces(swap, "bar"))  # the informative pairs behind each rate
     assert values(counts["y"]) == summary["swap"]["simlens[a=swap]"]["n_informative"]
     assert not [t for t in traces(ablation) if t["name"].startswith("simlens[")]  # friendly names only
+    point = at.session_state["roles-att-point"]  # the chosen readout layer: blocks below it do not run
     assert "not run" in attention_point["layout"]["title"]["text"] or point == 0
     expected = [np.nan if v is None else v for v in summary["swap"]["simlens[a=swap]"]["follow_donor"]]
     assert np.allclose(np.array(values(follow["y"]), dtype=float), expected, equal_nan=True)
