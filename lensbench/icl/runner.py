@@ -24,7 +24,7 @@ from lensbench.icl import summary as icl_summary
 from lensbench.icl.measure import DECIDE, LENSES, Setup, donor_vectors, measure_batch
 from lensbench.icl.patching import MODES, SITES, patch_points
 from lensbench.icl.tasks import (
-    BASELINES, ICLPrompt, Template, build_prompts, check_task, label_token_ids, load_icl_task,
+    BASELINES, ICLPrompt, build_prompts, check_task, label_token_ids, load_icl_task,
 )
 from lensbench.models import DEFAULT_MODEL, DEFAULT_N_CTX, ModelInfo, load_model
 from lensbench.tasks import pad_token_id, start_token_id
