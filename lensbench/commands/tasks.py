@@ -14,4 +14,5 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     print(describe_tasks())
     print("\nAppend :SPLIT for another split, @calib / @test for a deterministic half. A JSONL file path also works.")
+    print("In-context learning tasks (lensbench icl): lensbench icl --list")
     return 0

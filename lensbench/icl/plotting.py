@@ -65,7 +65,7 @@ def accuracy_grid(summaries: Mapping[str, Mapping], curves: Sequence[str] = DEFA
     names = list(summaries)
     cols = min(columns, len(names))
     rows = -(-len(names) // cols)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"{n} ({summaries[n].get('task_kind')})" for n in names],
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"{n}<br>({summaries[n].get('task_kind')})" for n in names],
                         shared_yaxes=True, horizontal_spacing=0.04, vertical_spacing=0.12)
     for i, name in enumerate(names):
         _accuracy_traces(fig, summaries[name], curves, i // cols + 1, i % cols + 1, legend=i == 0)

@@ -4,7 +4,6 @@ differences (local vs global patching on the same queries) with a normal interva
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -264,6 +263,3 @@ def write_icl_report(run) -> tuple[dict, Path]:
     store.atomic_write_json(path, report)
     return report, path
 
-
-def load_summary(path: str | Path) -> dict:
-    return json.loads((Path(path) / "summary.json").read_text())

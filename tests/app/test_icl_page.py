@@ -55,7 +55,7 @@ def test_icl_page_shows_each_task_and_one_prompt(icl_runs, monkeypatch):
     local = [t for t in grid["data"] if t.get("name", "").startswith("local patch") and t.get("xaxis") in ("x", None)]
     titles = [a["text"] for a in grid["layout"]["annotations"] if "(" in a["text"]]
     assert any("animal-fruit" in t for t in titles) and any("antonyms" in t for t in titles)
-    first = titles[0].split(" (")[0]
+    first = titles[0].split("<br>")[0]
     expected = open_run(icl_runs / first).summary()["accuracy"]["local/output"]["accuracy"]
     assert np.allclose(values(local[0]["y"]), expected)
     assert len(figures(at)) == 5  # grid, convergence, attention, decode, one prompt
