@@ -7,6 +7,7 @@ from pathlib import Path
 from lensbench import exits, uncertainty
 from lensbench.costs import ModelDims
 from lensbench.errors import LensbenchError
+from lensbench.icl.summary import format_icl_report, is_icl_run, write_icl_report
 from lensbench.models import load_model
 from lensbench.report import REPORT_FILE, build_report, check_report_options, format_report
 from lensbench.store import open_run
@@ -37,19 +38,17 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from lensbench.icl.summary import format_icl_report, is_icl_run, write_icl_report
-
-    if is_icl_run(open_run(args.run)):  # an ICL run (`lensbench icl`) has its own tables
-        report, path = write_icl_report(open_run(args.run))
-        print(format_icl_report(report))
-        print(f"\nwritten: {path}")
-        return 0
     check_report_options(args.n_budgets, args.epsilon, args.max_drop, args.answer_lens)
     uncertainty.check_bootstrap(args.bootstrap, args.seed)
     if args.bootstrap_calib and (args.calib is None or args.bootstrap == 0 or args.per_layer):
         why = ("needs --calib" if args.calib is None else "needs intervals (--bootstrap above 0)" if args.bootstrap == 0
                else "chooses global thresholds only (drop --per-layer)")
         raise LensbenchError(f"--bootstrap-calib {why}")
+    if is_icl_run(open_run(args.run)):  # an ICL run (`lensbench icl`) has its own tables
+        report, path = write_icl_report(open_run(args.run))
+        print(format_icl_report(report))
+        print(f"\nwritten: {path}")
+        return 0
     dims = None
     unit = "layer-token"
     if args.flops:
