@@ -22,6 +22,7 @@ import json
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from lensbench.errors import ExampleError, LensbenchError
 
@@ -175,10 +176,10 @@ def _read_task_text(path: Path) -> str:
         raise LensbenchError(f"task file {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); save it as UTF-8") from None
 
 
-def load_jsonl(path: str | Path) -> list[Example]:
-    """A user's JSONL file (gzipped or not); a malformed line is an error naming the file and line."""
+def jsonl_objects(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """`(where, object)` for each non-blank line of a JSONL file (gzipped or not, UTF-8), `where`
+    being `FILE:LINE`; an unreadable file or a line that is not a JSON object is a one-line error."""
     path = Path(path)
-    examples = []
     text = _read_task_text(path).replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as open() reads
     for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
@@ -190,6 +191,14 @@ def load_jsonl(path: str | Path) -> list[Example]:
             raise LensbenchError(f"{where}: not valid JSON ({exc.msg})") from None
         if not isinstance(obj, dict):
             raise LensbenchError(f"{where}: expected a JSON object")
+        yield where, obj
+
+
+def load_jsonl(path: str | Path) -> list[Example]:
+    """A user's JSONL file (gzipped or not); a malformed line is an error naming the file and line."""
+    path = Path(path)
+    examples = []
+    for where, obj in jsonl_objects(path):
         missing = [k for k in ("id", "prompt", "choices", "gold") if k not in obj]
         if missing:
             raise LensbenchError(f"{where}: missing field(s) {', '.join(missing)}")

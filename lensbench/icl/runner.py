@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import signal
 import sys
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from lensbench.icl.tasks import (
     BASELINES, ICLPrompt, build_prompts, check_task, label_token_ids, load_icl_task,
 )
 from lensbench.models import DEFAULT_MODEL, DEFAULT_N_CTX, ModelInfo, load_model
+from lensbench.runner import sigterm_as_interrupt
 from lensbench.tasks import pad_token_id, start_token_id
 
 KIND = "icl"
@@ -107,22 +106,6 @@ def select_points(points, spec: str):
     if missing or not wanted:
         raise LensbenchError(f"--points: no point {missing[0] if missing else spec} (points are {points[0].layer}..{points[-1].layer})")
     return [by_layer[w] for w in sorted(set(wanted))]
-
-
-@contextmanager
-def _sigterm_as_interrupt():
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def remove_own_files(out: Path) -> None:
@@ -248,7 +231,7 @@ def run_icl(cfg: ICLConfig, model=None, model_info: ModelInfo | None = None, pro
     bar = tqdm(total=len(prompts), initial=sum(len(plan[i]) for i in done), desc="lensbench icl", unit="query",
                disable=not progress, file=sys.stderr)
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             donor_file = out / "donors.safetensors"
             if todo and donor_file.exists():
                 from safetensors.torch import load_file

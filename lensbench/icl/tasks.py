@@ -16,13 +16,13 @@ model's next token is the answer. A space at the end of `middle` belongs to the 
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lensbench.errors import LensbenchError
+from lensbench.tasks import jsonl_objects
 
 KINDS = ("rule", "categorization")
 BASELINES = ("shuffle", "random")
@@ -120,33 +120,23 @@ def load_icl_jsonl(path: str | Path, name: str | None = None) -> ICLTask:
         raise LensbenchError(f"ICL task file not found: {path}")
     header: dict = {}
     items: list[ICLItem] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LensbenchError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise LensbenchError(f"{where}: expected a JSON object")
-            if "task" in obj and not items and not header:
-                if not isinstance(obj["task"], dict):
-                    raise LensbenchError(f"{where}: 'task' must be an object")
-                header = obj["task"]
-                continue
-            missing = [k for k in ("input", "label") if k not in obj]
-            if missing:
-                raise LensbenchError(f"{where}: missing field(s) {', '.join(missing)}")
-            inp, label = obj["input"], obj["label"]
-            if not isinstance(inp, str) or not inp.strip():
-                raise LensbenchError(f"{where}: 'input' must be a non-empty string")
-            if not isinstance(label, str) or not label.strip() or label != label.strip():
-                raise LensbenchError(f"{where}: 'label' must be a non-empty word without surrounding spaces")
-            category = obj.get("category")
-            items.append(ICLItem(str(obj.get("id", f"{path.stem}-{len(items)}")), inp, label,
-                                 None if category is None else str(category)))
+    for where, obj in jsonl_objects(path):
+        if "task" in obj and not items and not header:
+            if not isinstance(obj["task"], dict):
+                raise LensbenchError(f"{where}: 'task' must be an object")
+            header = obj["task"]
+            continue
+        missing = [k for k in ("input", "label") if k not in obj]
+        if missing:
+            raise LensbenchError(f"{where}: missing field(s) {', '.join(missing)}")
+        inp, label = obj["input"], obj["label"]
+        if not isinstance(inp, str) or not inp.strip():
+            raise LensbenchError(f"{where}: 'input' must be a non-empty string")
+        if not isinstance(label, str) or not label.strip() or label != label.strip():
+            raise LensbenchError(f"{where}: 'label' must be a non-empty word without surrounding spaces")
+        category = obj.get("category")
+        items.append(ICLItem(str(obj.get("id", f"{path.stem}-{len(items)}")), inp, label,
+                             None if category is None else str(category)))
     if not items:
         raise LensbenchError(f"{path}: no items")
     ids = [i.id for i in items]
