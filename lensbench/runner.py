@@ -139,9 +139,6 @@ def _with_threads(run):
     return wrapper
 
 
-_sigterm_as_interrupt = sigterm_as_interrupt  # the former name
-
-
 def prepare(cfg: EvalConfig, examples: list, lenses: list, model=None, model_info: ModelInfo | None = None):
     """Load and check the model, encode the examples and check them against the lenses, all
     before compute. Returns `(model, model_info, encoded, skipped, ctx, start_id)`."""

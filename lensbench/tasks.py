@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import json
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -217,11 +218,16 @@ def load_jsonl(path: str | Path) -> list[Example]:
         examples.append(Example(str(ident), obj["prompt"], list(choices), gold, meta if isinstance(meta, dict) else {}))
     if not examples:
         raise LensbenchError(f"{path}: no examples")
-    ids = [e.id for e in examples]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise LensbenchError(f"{path}: duplicate example id '{dup}'")
+    refuse_duplicate_ids(path, [e.id for e in examples], "example")
     return examples
+
+
+def refuse_duplicate_ids(path, ids: list[str], what: str) -> None:
+    """A task file whose ids repeat is a one-line error naming the first id that repeats."""
+    if len(set(ids)) != len(ids):
+        counts = Counter(ids)
+        dup = next(i for i in ids if counts[i] > 1)
+        raise LensbenchError(f"{path}: duplicate {what} id '{dup}'")
 
 
 def builtin_path(name: str = "capitals") -> Path:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lensbench.errors import LensbenchError
-from lensbench.tasks import jsonl_objects
+from lensbench.tasks import jsonl_objects, refuse_duplicate_ids
 
 KINDS = ("rule", "categorization")
 BASELINES = ("shuffle", "random")
@@ -139,10 +139,7 @@ def load_icl_jsonl(path: str | Path, name: str | None = None) -> ICLTask:
                              None if category is None else str(category)))
     if not items:
         raise LensbenchError(f"{path}: no items")
-    ids = [i.id for i in items]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise LensbenchError(f"{path}: duplicate item id '{dup}'")
+    refuse_duplicate_ids(path, [i.id for i in items], "item")
     kind = header.get("kind") or infer_kind(items)
     if kind not in KINDS:
         raise LensbenchError(f"{path}: task kind '{kind}' is not one of {', '.join(KINDS)}")
