@@ -113,15 +113,16 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
 
 
+def model_short_name(name: str) -> str:
+    """A model spec's name for files: a path spec (`dir/model.gguf`) is named by its file; a
+    shipped name keeps its dots ("qwen2.5-coder-0.5b" is not a file name with a suffix)."""
+    path = Path(name)
+    return path.stem if path.suffix in (".gguf", ".bin", ".safetensors") else path.name
+
+
 def run_slugs(runs: list[Run]) -> dict[Path, str]:
     """A file-name stem per run: `MODEL_TASK`, with the run folder's name added where two collide."""
-    # A path spec (`dir/model.gguf`) is named by its file; a shipped name keeps its dots
-    # ("qwen2.5-coder-0.5b" is not a file name with a suffix).
-    def short(name: str) -> str:
-        path = Path(name)
-        return path.stem if path.suffix in (".gguf", ".bin", ".safetensors") else path.name
-
-    base = {r.path: _slug(f"{short(model_name(r))}_{task_name(r)}") for r in runs}
+    base = {r.path: _slug(f"{model_short_name(model_name(r))}_{task_name(r)}") for r in runs}
     counts: dict[str, int] = {}
     for stem in base.values():
         counts[stem] = counts.get(stem, 0) + 1

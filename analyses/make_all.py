@@ -56,7 +56,7 @@ class Pair:
 
     @property
     def slug(self) -> str:
-        return common._slug(Path(self.model).stem)
+        return common._slug(common.model_short_name(self.model))
 
     @property
     def calib(self) -> Path:
@@ -217,7 +217,7 @@ class Driver:
 
     def icl(self, model: str, task: str, root: Path) -> Path | None:
         """`lensbench icl` on one built-in task (reused when complete with the same options)."""
-        folder = root / common._slug(Path(model).stem) / f"icl-{task}"
+        folder = root / common._slug(common.model_short_name(model)) / f"icl-{task}"
         want = {"model": model, "task": task, "queries": self.args.icl_queries, "points": self.args.icl_points}
         state, detail = run_state(folder, want)
         if state == "complete":

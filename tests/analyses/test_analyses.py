@@ -189,6 +189,16 @@ def test_make_all_plan(small_run, tmp_path, capsys):
     assert make_all.run_state(tmp_path / "nothing", want)[0] == "missing"
 
 
+def test_make_all_model_folders_keep_the_version_dots(tmp_path):
+    """qwen2.5-coder-0.5b's runs go under `qwen2.5-coder-0.5b/`, not `qwen2.5-coder-0/` (a shipped
+    name is not a file name with a suffix); a .gguf path is named by its file."""
+    from analyses import make_all
+
+    assert make_all.Pair("qwen2.5-coder-0.5b", "arc-easy", tmp_path).slug == "qwen2.5-coder-0.5b"
+    assert make_all.Pair("qwen2.5-coder-1.5b", "arc-easy", tmp_path).slug == "qwen2.5-coder-1.5b"
+    assert make_all.Pair("/models/tiny.gguf", "arc-easy", tmp_path).slug == "tiny"
+
+
 def _chromium_available() -> bool:
     return bool(os.environ.get("BROWSER_PATH")) or os.path.exists("/usr/bin/chromium") or bool(shutil.which("chromium"))
 
