@@ -43,7 +43,7 @@ DEFAULT_TASKS = ("arc-easy", "arc-challenge", "boolq", "medmcqa")
 DEFAULT_LIMIT = 50
 DEFAULT_ABLATIONS = "drop-s,drop-a,a=swap"
 INSTALL_KEYS = {"gemma-3-270m": "gemma", "qwen2.5-coder-0.5b": "qwen05", "qwen2.5-coder-1.5b": "qwen15"}
-SCRIPTS = ("per_layer", "iso_compute", "roles", "simexit", "main_table", "icl")
+SCRIPTS = ("per_layer", "iso_compute", "roles", "simexit", "main_table", "sizes", "icl")
 
 
 @dataclass
