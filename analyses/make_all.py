@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", default="8", help="examples per batch, or auto (default 8)")
     p.add_argument("--ablations", default=DEFAULT_ABLATIONS, help=f"SimLens ablations of the test runs (default {DEFAULT_ABLATIONS})")
     p.add_argument("--no-linear", action="store_true", help="no Linear SimLens / tuned lens (no fit, no SimExit curve)")
+    p.add_argument("--no-tuned", action="store_true",
+                   help="Linear SimLens only: no tuned-lens baseline (one fit and one lens less per task)")
     p.add_argument("--measure-speed", action="store_true", help="also time SimExit against the full model (wall-clock)")
     p.add_argument("--runs", default="runs/figures", help="where the runs and lenses go (default runs/figures)")
     p.add_argument("--include", action="append", default=[], help="more run folders (or folders of runs) to draw (repeatable)")
@@ -238,10 +240,11 @@ class Driver:
         lenses = ["logit", "simlens"]
         linear_dirs: list[Path] = []
         if linear_ok:
-            linear_ok = self.fit(pair, "linear-simlens") and self.fit(pair, "tuned")
+            kinds = ["linear-simlens"] + ([] if self.args.no_tuned else ["tuned"])
+            linear_ok = all(self.fit(pair, kind) for kind in kinds)
             if linear_ok:
-                lenses += ["linear-simlens", "tuned"]
-                linear_dirs = [pair.lens_dir("linear-simlens"), pair.lens_dir("tuned")]
+                lenses += kinds
+                linear_dirs = [pair.lens_dir(kind) for kind in kinds]
             else:
                 print(f"note: fitting the linear lenses for {pair.model} on {pair.task} failed; "
                       "going on without Linear SimLens and the tuned lens", file=sys.stderr)

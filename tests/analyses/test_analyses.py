@@ -217,3 +217,13 @@ def test_every_script_writes_valid_png_and_html(small_run, tmp_path):
                 check_png(tmp_path / f"{stem}.png")
                 check_html(tmp_path / f"{stem}.html", kind_of(stem))
     assert snapshot(small_run) == before
+
+
+def test_make_all_no_tuned_fits_and_evaluates_linear_simlens_only(tmp_path, capsys):
+    from analyses import make_all
+
+    assert make_all.main(["--dry-run", "--tasks", "arc-easy", "--limit", "5", "--runs", str(tmp_path), "--no-tuned",
+                          "--icl-tasks", ""]) == 0
+    out = capsys.readouterr().out
+    assert "--target simlens" in out and "--target final" not in out
+    assert "--lenses logit,simlens,linear-simlens " in out and "tuned" not in out
