@@ -226,4 +226,4 @@ def test_make_all_no_tuned_fits_and_evaluates_linear_simlens_only(tmp_path, caps
                           "--icl-tasks", ""]) == 0
     out = capsys.readouterr().out
     assert "--target simlens" in out and "--target final" not in out
-    assert "--lenses logit,simlens,linear-simlens " in out and "tuned" not in out
+    assert "--lenses logit,simlens,linear-simlens " in out and "arc-easy-tuned" not in out and ",tuned" not in out
