@@ -9,8 +9,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from lensbench.plotting.style import (
-    METRIC_LABELS, band_traces, chance_line, final_line, interval_label, interval_text, layout, lens_color, lens_label,
-    lens_line, run_symbol, value_range,
+    METRIC_LABELS, band_traces, chance_line, final_line, interval_label, interval_text, layout, lens_color, lens_dash,
+    lens_label, lens_line, run_symbol, value_range,
 )
 
 X_LABELS = {"layer": "readout layer", "relative": "relative depth (layer / number of layers)"}
@@ -74,7 +74,7 @@ def runs_per_layer_figure(
                 interval = data.get(f"{metric}_ci") if bands else None
                 if interval is not None:
                     for trace in band_traces(xs, interval, label if len(names) == 1 else f"{run} · {label}",
-                                             lens_color(name), name, level):
+                                             lens_color(name), name, level, dash=lens_dash(name), meta=run):
                         fig.add_trace(trace, row=row, col=col)
                     ranges.setdefault((row, col), []).extend(v for pair in interval for v in (pair or ()) if v is not None)
                 hover_ci = [f" {interval_text(pair)}" for pair in interval] if interval is not None else [""] * len(xs)
@@ -174,7 +174,7 @@ def iso_compute_figure(
             if len(band) != len(frame):
                 raise ValueError(f"{name}: {len(band)} intervals for an Iso-Compute curve of {len(frame)} budgets")
             fig.add_traces(band_traces(list(frame["budget"]), band, lens_label(name), lens_color(name), name, level,
-                                       line_shape="hv"))
+                                       line_shape="hv", dash=lens_dash(name)))
             values += [v for pair in band for v in (pair or ()) if v is not None and v == v]
         hover_ci = [f" {interval_text(pair)}" for pair in band] if band is not None else [""] * len(frame)
         fig.add_trace(go.Scatter(

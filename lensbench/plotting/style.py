@@ -123,17 +123,20 @@ def translucent(color: str, alpha: float = BAND_ALPHA) -> str:
 
 
 def band_traces(x: Sequence, interval: Sequence, label: str, color: str, legendgroup: str,
-                level: float | None = 0.95, line_shape: str | None = None, **extra) -> list[go.Scatter]:
+                level: float | None = 0.95, line_shape: str | None = None, dash: str | None = None,
+                **extra) -> list[go.Scatter]:
     """A shaded interval band: two traces, the lower bound then the upper bound filled down to
-    it (`fill="tonexty"`), in `color` at `BAND_ALPHA`, without lines, legend entries or hover (the
-    band shows and hides with its line's legend group). `interval`: `[[lo, hi], ...]` per x
-    (None or NaN bounds leave a gap)."""
+    it (`fill="tonexty"`), in `color` at `BAND_ALPHA`, without lines (width 0; `dash` as the
+    line's, for uniform trace data), legend entries or hover (the band shows and hides with its
+    line's legend group). `interval`: `[[lo, hi], ...]` per x (None or NaN bounds leave a gap);
+    `extra`: further trace properties (e.g. `meta`, the run)."""
     lows, highs = [], []
     for pair in interval:
         lo, hi = (None, None) if pair is None else pair
         lows.append(None if lo is None or lo != lo else float(lo))
         highs.append(None if hi is None or hi != hi else float(hi))
-    common = dict(x=list(x), mode="lines", line=dict(width=0, color=color, shape=line_shape), legendgroup=legendgroup,
+    common = dict(x=list(x), mode="lines", line=dict(width=0, color=color, shape=line_shape, dash=dash),
+                  legendgroup=legendgroup,
                   showlegend=False, hoverinfo="skip", **extra)
     return [go.Scatter(y=lows, name=band_name(label, "lower", level), **common),
             go.Scatter(y=highs, name=band_name(label, "upper", level), fill="tonexty",
