@@ -8,7 +8,8 @@ For each configured (model, task) it makes what is missing, and reuses what exis
    thresholds;
 3. a test run on `TASK@test` (the same lenses and the `[s]`/`[a]` ablations), which every figure
    is drawn from;
-4. the test run's report (`lensbench report TEST --calib CALIB`, written to TEST/report.json);
+4. the test run's report (`lensbench report TEST --calib CALIB --bootstrap B --seed S`,
+   written to TEST/report.json; its intervals are the figures' bands and error bars);
 5. with `--measure-speed`, SimExit's wall-clock speedup at the calibrated thresholds
    (`lensbench calibrate ... --measure-speed`, written to TEST/simexit_speed.json);
 
