@@ -6,15 +6,15 @@ tensor of `Run.attention()`, the probe's rows) and returns a `plotly.graph_objec
 none of them recomputes a metric. Confidence intervals come the same way, as the report's
 `*_ci` pairs (`lensbench.uncertainty`): per-layer and Iso-Compute curves draw them as shaded
 bands (two traces per band, the lower bound then the upper filled down to it, named by
-`style.band_name` and kept out of the legend), exit operating points as error bars. `figure_files.save_figure` writes a figure as interactive
-HTML and a static PNG (plotly's static export through kaleido, driving the system Chromium at
-`/usr/bin/chromium`; kaleido never downloads a browser here).
+`style.band_name` and kept out of the legend), exit operating points as error bars.
+`figure_files.save_figure` writes a figure as interactive HTML and a static PNG (plotly's
+static export through kaleido, driving the system Chromium at `/usr/bin/chromium`; kaleido
+never downloads a browser here).
 
 The modules: `style` (the visual grammar: one colour per lens, the logit lens grey dashed, one
 marker symbol or panel per run, friendly names, full-model and chance lines, interval bands in
-the line's colour), `curves`
-(per-layer, Iso-Compute, ablations, swaps), `attention`, `exits`, `examples` (one example:
-candidate heatmaps, the layer × position grid, a pinned token).
+the line's colour), `curves` (per-layer, Iso-Compute, ablations, swaps), `attention`, `exits`,
+`examples` (one example: candidate heatmaps, the layer × position grid, a pinned token).
 """
 
 from lensbench.plotting.attention import attention_heatmap, token_attention_figure
