@@ -1,8 +1,11 @@
 """What every figure script shares: reading run folders, pairing a test run with its
 calibration run, the run's report (`lensbench.report.build_report`), names, and output.
 
-The scripts never recompute a metric: per-layer numbers come from `summary.json`, Iso-Compute
-and exit curves from the report, calibrated thresholds from `lensbench.exits`.
+The scripts never recompute a metric: per-layer numbers come from `summary.json` (or, with
+intervals, the report's `per_layer`), Iso-Compute and exit curves from the report, calibrated
+thresholds from `lensbench.exits`, and every interval (bands, error bars, `[lo, hi]` in the
+tables) from the report (`lensbench.report`, `lensbench.uncertainty`), made with the scripts'
+`--bootstrap B --seed S` (the report command's options and defaults; `--bootstrap 0`: none).
 """
 
 from __future__ import annotations
@@ -34,6 +37,43 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--formats", default="png,html", help="comma-separated: png, html (default both)")
     p.add_argument("--calib", help="calibration run for the first test run (otherwise found by task name: T@calib beside T@test)")
     return p
+
+
+def add_interval_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`--bootstrap B` and `--seed S`, as `lensbench report` names them: the bootstrap of the
+    report whose intervals the figures draw as bands and error bars, and the tables print."""
+    from lensbench import uncertainty
+
+    p.add_argument("--bootstrap", type=int, default=uncertainty.DEFAULT_RESAMPLES, metavar="B",
+                   help=f"bootstrap resamples of the examples for the {uncertainty.DEFAULT_LEVEL * 100:g} %% intervals "
+                        f"(bands, error bars, [lo, hi] in the tables; default {uncertainty.DEFAULT_RESAMPLES}; "
+                        "0: none)")
+    p.add_argument("--seed", type=int, default=uncertainty.DEFAULT_SEED,
+                   help=f"the bootstrap's seed (default {uncertainty.DEFAULT_SEED})")
+    return p
+
+
+def check_intervals(args) -> None:
+    """Refuse bootstrap settings that cannot make intervals (one line, before any run is read)."""
+    from lensbench import uncertainty
+
+    try:
+        uncertainty.check_bootstrap(args.bootstrap, args.seed)
+    except LensbenchError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def bands_of(args) -> bool:
+    """Whether the figures carry intervals (`--bootstrap` above 0)."""
+    return getattr(args, "bootstrap", 0) > 0
+
+
+def interval_columns(name: str, interval, scale: float = 1.0, digits: int = 3) -> dict:
+    """`{NAME_lo, NAME_hi}` of a report interval for a CSV row (scaled, rounded; empty where the
+    report has none or a bound is missing)."""
+    lo, hi = interval if interval is not None else (None, None)
+    return {f"{name}_lo": None if lo is None else round(lo * scale, digits),
+            f"{name}_hi": None if hi is None else round(hi * scale, digits)}
 
 
 def formats_of(args) -> tuple[str, ...]:
@@ -129,20 +169,41 @@ def run_slugs(runs: list[Run]) -> dict[Path, str]:
     return {p: (s if counts[s] == 1 else f"{s}_{_slug(p.name)}") for p, s in base.items()}
 
 
-def report_of(run: Run, calib: Run | None = None, write: bool = False) -> dict:
-    """The run's report: `RUN/report.json` when it is current (newer than the predictions and
-    calibrated on `calib`), else built by `lensbench.report.build_report` (in memory; the
-    scripts leave run folders as they are unless `write`: `make_all` writes it once)."""
+def report_of(run: Run, calib: Run | None = None, write: bool = False, bootstrap: int | None = None,
+              seed: int | None = None) -> dict:
+    """The run's report: `RUN/report.json` when it is current (newer than the predictions,
+    calibrated on `calib`, and with intervals from `bootstrap` resamples seeded by `seed` at the
+    default level, when `bootstrap` is above 0), else built by `lensbench.report.build_report`
+    (in memory; the scripts leave run folders as they are unless `write`: `make_all` writes it
+    once). `bootstrap`, `seed`: None for the report command's defaults; with `bootstrap=0` any
+    current report will do (the figures then leave its intervals out)."""
+    from lensbench import uncertainty
     from lensbench.report import build_report
 
+    bootstrap = uncertainty.DEFAULT_RESAMPLES if bootstrap is None else bootstrap
+    seed = uncertainty.DEFAULT_SEED if seed is None else seed
     stored = run.report()
     report_path = run.path / "report.json"
     predictions_path = run.path / "predictions.parquet"
     if stored is not None and report_path.stat().st_mtime >= predictions_path.stat().st_mtime:
         calibrated = stored.get("calibrated") or []
-        if calib is None or (calibrated and Path(calibrated[0]["calib_run"]).resolve() == calib.path.resolve()):
+        paired = calib is None or (calibrated and Path(calibrated[0]["calib_run"]).resolve() == calib.path.resolve())
+        made = stored.get("bootstrap") or {}
+        same_intervals = bootstrap == 0 or (made.get("resamples") == bootstrap and made.get("seed") == seed
+                                            and made.get("level") == uncertainty.DEFAULT_LEVEL)
+        if paired and same_intervals:
             return stored
-    return build_report(run, calib_run=calib, write=write)
+    return build_report(run, calib_run=calib, write=write, bootstrap=bootstrap, seed=seed)
+
+
+def report_for(run: Run, calib: Run | None, args) -> dict:
+    """`report_of` with a script's `--bootstrap` / `--seed`."""
+    return report_of(run, calib, bootstrap=args.bootstrap, seed=args.seed)
+
+
+def interval_level(report: dict) -> float | None:
+    """The level of the report's intervals (None without them)."""
+    return (report.get("bootstrap") or {}).get("level")
 
 
 def lens_names(run: Run) -> list[str]:

@@ -8,7 +8,8 @@ For each configured (model, task) it makes what is missing, and reuses what exis
    thresholds;
 3. a test run on `TASK@test` (the same lenses and the `[s]`/`[a]` ablations), which every figure
    is drawn from;
-4. the test run's report (`lensbench report TEST --calib CALIB`, written to TEST/report.json);
+4. the test run's report (`lensbench report TEST --calib CALIB --bootstrap B --seed S`,
+   written to TEST/report.json; its intervals are the figures' bands and error bars);
 5. with `--measure-speed`, SimExit's wall-clock speedup at the calibrated thresholds
    (`lensbench calibrate ... --measure-speed`, written to TEST/simexit_speed.json);
 
@@ -44,6 +45,7 @@ DEFAULT_LIMIT = 50
 DEFAULT_ABLATIONS = "drop-s,drop-a,a=swap"
 INSTALL_KEYS = {"gemma-3-270m": "gemma", "qwen2.5-coder-0.5b": "qwen05", "qwen2.5-coder-1.5b": "qwen15"}
 SCRIPTS = ("per_layer", "iso_compute", "roles", "simexit", "main_table", "sizes", "icl")
+INTERVAL_SCRIPTS = ("per_layer", "iso_compute", "roles", "simexit", "main_table", "sizes")  # take --bootstrap / --seed
 
 
 @dataclass
@@ -96,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ICL tasks to run `lensbench icl` on per model (default all built-ins; '' for none)")
     p.add_argument("--icl-queries", type=int, default=24, help="queries per ICL run (default 24, CPU-feasible)")
     p.add_argument("--icl-points", default="every:3", help="ICL patch points (default every:3 on the CPU; all for every layer)")
+    common.add_interval_options(p)
     p.add_argument("--skip-eval", action="store_true", help="make nothing; draw the runs that exist")
     p.add_argument("--refresh", action="store_true", help="replace complete runs made with other options (--overwrite)")
     p.add_argument("--dry-run", action="store_true", help="print what would be run, run nothing")
@@ -201,11 +204,12 @@ class Driver:
         from lensbench.store import open_run
 
         if self.args.dry_run:
-            print(f"$ lensbench report {pair.test}" + (f" --calib {pair.calib}" if calibrated else ""))
+            print(f"$ lensbench report {pair.test}" + (f" --calib {pair.calib}" if calibrated else "")
+                  + f" --bootstrap {self.args.bootstrap} --seed {self.args.seed}")
             return
         run = open_run(pair.test)
         calib = open_run(pair.calib) if calibrated else None
-        common.report_of(run, calib, write=True)
+        common.report_of(run, calib, write=True, bootstrap=self.args.bootstrap, seed=self.args.seed)
         print(f"report {pair.test / 'report.json'}")
 
     def speed(self, pair: Pair) -> None:
@@ -261,6 +265,7 @@ class Driver:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    common.check_intervals(args)
     models = [m for m in args.models.split(",") if m]
     tasks = [t for t in args.tasks.split(",") if t]
     if args.icl_tasks == "all":
@@ -293,9 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_eval:
         draw = [str(root)] if root.is_dir() else []
     draw += args.include
+    def options(script: str) -> list[str]:
+        extra = ["--bootstrap", str(args.bootstrap), "--seed", str(args.seed)] if script in INTERVAL_SCRIPTS else []
+        return ["--out", args.out, "--formats", args.formats, *extra]
+
     if args.dry_run:
         for script in SCRIPTS:
-            print(f"$ python -m analyses.{script} {' '.join(draw) or '(runs)'} --out {args.out}")
+            print(f"$ python -m analyses.{script} {' '.join(draw) or '(runs)'} {' '.join(options(script))}")
         return 0
     if not draw:
         print("nothing to draw: no runs were made or found", file=sys.stderr)
@@ -305,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     for script in SCRIPTS:
         print(f"== analyses.{script}", flush=True)
         module = importlib.import_module(f"analyses.{script}")
-        module.main([*draw, "--out", args.out, "--formats", args.formats])
+        module.main([*draw, *options(script)])
     if driver.failures:
         print("\nthese steps failed (their figures are missing):", file=sys.stderr)
         for failure in driver.failures:

@@ -1,10 +1,12 @@
 """Figure 3: the role analyses of SimLens's two slots, per (model, task) run.
 
-    python -m analyses.roles RUN [RUN ...] --out figures/ [--point LAYER]
+    python -m analyses.roles RUN [RUN ...] --out figures/ [--point LAYER] [--bootstrap B] [--seed S]
 
 Writes, where the run has what each needs:
 - `roles_ablations_<stem>`: accuracy and fidelity per layer of SimLens under each `[s]`/`[a]`
-  ablation of the run (`simlens[...]` lenses), next to SimLens and the logit lens;
+  ablation of the run (`simlens[...]` lenses), next to SimLens and the logit lens, each line
+  with a shaded band of its 95 % bootstrap interval (the report's, as in `analyses.per_layer`;
+  `--bootstrap 0`: none);
 - `roles_swap_<stem>`: per layer, how often a swapped slot's decision follows the donor versus
   stays with the recipient (`summary.json`'s `swap`, from `metrics.swap_rates`);
 - `roles_attention_<stem>`: mean attention `[a]`→`[s]` per readout point × continuation block
@@ -24,17 +26,20 @@ from analyses import common
 from lensbench import figure_files, plotting
 
 
-def figures_for(run, point: int | None = None) -> dict:
-    """`{name: figure}` for one run; what the run lacks is noted and left out."""
+def figures_for(run, point: int | None = None, report: dict | None = None) -> dict:
+    """`{name: figure}` for one run; what the run lacks is noted and left out. With `report`
+    (`common.report_of`), the ablation curves are its `per_layer`, with their intervals as bands."""
     summary = run.summary()
     label = common.run_label(run)
     figures = {}
-    ablations = plotting.ablation_lenses(summary["lenses"])
+    per_layer = report["per_layer"] if report is not None else summary["lenses"]
+    ablations = plotting.ablation_lenses(per_layer)
     if ablations:
-        refs = common.present(("simlens", "logit"), summary["lenses"], run, "reference curve")
+        refs = common.present(("simlens", "logit"), per_layer, run, "reference curve")
         figures["roles_ablations"] = plotting.ablation_figure(
-            summary["lenses"], ablations, refs, final_accuracy=summary.get("final_accuracy"),
-            title=f"SimLens slot ablations — {label}")
+            per_layer, ablations, refs, final_accuracy=summary.get("final_accuracy"),
+            title=f"SimLens slot ablations — {label}", bands=report is not None,
+            level=common.interval_level(report) if report is not None else None)
     else:
         common.note(f"{run.path}: no SimLens ablations (--ablations drop-s,drop-a,...); no ablation figure")
     if summary.get("swap"):
@@ -61,13 +66,16 @@ def figures_for(run, point: int | None = None) -> dict:
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = common.argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--point", type=int, help="readout layer of the per-head attention figure (default: the middle)")
-    args = parser.parse_args(argv)
+    args = common.add_interval_options(parser).parse_args(argv)
     formats = common.formats_of(args)
-    runs, slugs, _ = common.figure_runs(args)
+    common.check_intervals(args)
+    runs, slugs, calib = common.figure_runs(args)
     written: list[Path] = []
     with common.exporting(formats):
         for run in runs:
-            for name, fig in figures_for(run, args.point).items():
+            has_ablations = plotting.ablation_lenses(run.summary()["lenses"])
+            report = common.report_for(run, calib[run.path], args) if common.bands_of(args) and has_ablations else None
+            for name, fig in figures_for(run, args.point, report).items():
                 written += figure_files.save_figure(fig, args.out, f"{name}_{slugs[run.path]}", formats)
     return common.finish(written)
 

@@ -1,6 +1,6 @@
 """Table 7 and figure: how SimLens's lead over the logit lens changes with model size.
 
-    python -m analyses.sizes RUN [RUN ...] --out figures/
+    python -m analyses.sizes RUN [RUN ...] --out figures/ [--bootstrap B --seed S]
 
 For every test run (model × task; its `T@calib` run beside it is found as for the other
 scripts) it takes from the run's report (`lensbench.report.build_report`, bootstrap intervals
@@ -180,10 +180,11 @@ def figure(rows: list[dict]):
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    args = common.argument_parser(__doc__.splitlines()[0]).parse_args(argv)
+    args = common.add_interval_options(common.argument_parser(__doc__.splitlines()[0])).parse_args(argv)
     formats = common.formats_of(args)
+    common.check_intervals(args)
     runs, _, calib = common.figure_runs(args)
-    rows = [row_for(run, common.report_of(run, calib[run.path])) for run in runs]
+    rows = [row_for(run, common.report_for(run, calib[run.path], args)) for run in runs]
     rows.sort(key=lambda r: (r["task"], r["parameters"]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

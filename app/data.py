@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from lensbench import compute, exits, metrics
+from lensbench import compute, exits, metrics, uncertainty
 from lensbench.errors import LensbenchError
 from lensbench.store import MANIFEST, Run, open_run
 
@@ -99,7 +99,64 @@ def iso_compute(path: str, stamp: int, lenses: tuple[str, ...]) -> dict:
     tables = compute.iso_compute_tables(light_predictions(path, stamp), examples(path, stamp), list(lenses),
                                         map_cost=map_cost(path, stamp))
     gain = tables["gains"].get("simlens_vs_logit")
-    return {"curves": tables["curves"], "full_cost": tables["full_cost"], "gain": None if gain is None else gain["gain"]}
+    return {"curves": tables["curves"], "full_cost": tables["full_cost"], "gain": None if gain is None else gain["gain"],
+            "gains": tables["gains"]}
+
+
+# The intervals the app shows: `lensbench report`'s defaults (1000 resamples of the examples,
+# seed 0, 95 %), so a page shows the intervals of the run's report.json.
+BOOTSTRAP = (uncertainty.DEFAULT_RESAMPLES, uncertainty.DEFAULT_SEED, uncertainty.DEFAULT_LEVEL)
+
+
+def interval_settings() -> str:
+    resamples, seed, level = BOOTSTRAP
+    return f"{level * 100:g} % bootstrap intervals over the examples ({resamples} resamples, seed {seed})"
+
+
+@st.cache_resource(show_spinner="Resampling the examples…", max_entries=8)
+def _bootstrap(path: str, stamp: int) -> tuple[uncertainty.Bootstrap, np.ndarray]:
+    """The run's bootstrap (`uncertainty.run_bootstrap`, as `report.build_report` makes it; shared)."""
+    boot, order = uncertainty.run_bootstrap(light_predictions(path, stamp), *BOOTSTRAP)
+    for _ in boot.counts():  # the resamples drawn once here (kept by the Bootstrap when they fit)
+        pass
+    return boot, order
+
+
+@st.cache_resource(show_spinner="Bootstrapping per-layer accuracy…", max_entries=8)
+def _layer_samples(path: str, stamp: int) -> uncertainty.LayerSamples:
+    """Accuracy and fidelity of every (lens, layer) on every resample (shared: do not modify)."""
+    return uncertainty.resample_per_layer(light_predictions(path, stamp), _bootstrap(path, stamp)[0])
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def per_layer_intervals(path: str, stamp: int) -> dict:
+    """`summary["lenses"]` with each lens's `accuracy_ci` and `fidelity_ci` (the report's
+    `per_layer`, `uncertainty.per_layer_intervals`)."""
+    per_layer = summary(path, stamp)["lenses"]
+    intervals = uncertainty.per_layer_intervals(_layer_samples(path, stamp), per_layer, _bootstrap(path, stamp)[0])
+    return {lens: {**body, **intervals[lens]} for lens, body in per_layer.items()}
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def iso_compute_intervals(path: str, stamp: int, lenses: tuple[str, ...]) -> dict:
+    """The report's Iso-Compute intervals for `iso_compute(path, stamp, lenses)`: `curves_ci`
+    per lens (`uncertainty.layers_interval`) and the gain's `gain_ci` (None without a gain)."""
+    iso = iso_compute(path, stamp, lenses)
+    samples, boot = _layer_samples(path, stamp), _bootstrap(path, stamp)[0]
+    curves = {lens: uncertainty.layers_interval(samples, lens, curve["layer"], boot) for lens, curve in iso["curves"].items()}
+    gain = iso["gains"].get("simlens_vs_logit")
+    return {"curves_ci": curves, "gain_ci": None if gain is None else uncertainty.gain_interval(samples, gain, boot)}
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def exit_intervals(path: str, stamp: int, policy: str, answer_lens: str, min_layer: int, threshold: float) -> dict:
+    """An exit operating point's intervals, its threshold fixed (`uncertainty.exit_intervals` on
+    `simulated_exits`, as `report.exit_point_intervals` gives a calibrated point):
+    `accuracy_ci`, `fidelity_ci`, `layer_token_speedup_ci`, `accuracy_drop_ci` (`[lo, hi]`;
+    an infinite speedup bound is inf)."""
+    boot, order = _bootstrap(path, stamp)
+    sim = simulated_exits(path, stamp, policy, answer_lens, min_layer, threshold)
+    return uncertainty.exit_intervals(sim, boot, order, uncertainty.final_correct(light_predictions(path, stamp), order))
 
 
 @st.cache_data(show_spinner=False, max_entries=16)

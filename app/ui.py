@@ -69,10 +69,23 @@ def sidebar() -> None:
         # The selectbox cuts long names: the whole name (wrapped) and what the run is, below it.
         st.sidebar.caption(f'<div class="lb-run-name" style="word-break:break-all"><b>{chosen.name}</b><br>'
                            f"{run_description(chosen)}</div>", unsafe_allow_html=True)
+    st.sidebar.checkbox(INTERVALS_LABEL, value=True, key=INTERVALS_KEY,
+                        help="shaded bands around the per-layer and Iso-Compute curves, error bars at the exit operating "
+                             "points, [lo, hi] after the numbers: percentile intervals over resampled examples, as "
+                             "`lensbench report` computes them (1000 resamples, seed 0; docs/METHOD.md, 'Uncertainty')")
     if broken:
         with st.sidebar.expander(f"{len(broken)} unreadable run folder(s)"):
             for path, error in broken:
                 st.caption(f"**{Path(path).name}**: {error}")
+
+
+INTERVALS_KEY = "intervals"
+INTERVALS_LABEL = "Show 95 % intervals"
+
+
+def show_intervals() -> bool:
+    """Whether the pages show the bootstrap intervals (the sidebar's checkbox; on by default)."""
+    return bool(st.session_state.get(INTERVALS_KEY, True))
 
 
 def run_description(run: Run) -> str:

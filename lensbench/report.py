@@ -123,9 +123,8 @@ def build_report(run_path, calib_run=None, *, n_budgets: int = 50, unit: str = "
                              "gains": tables["gains"]}
     boot = order = None
     if bootstrap:
-        order = uncertainty.example_order(predictions)
-        boot = uncertainty.Bootstrap(len(order), bootstrap, seed, level)
-        _add_intervals(report, predictions, finals, boot, order)
+        boot, order = uncertainty.run_bootstrap(predictions, bootstrap, seed, level)
+        _add_intervals(report, predictions, boot, order)
 
     policies: dict = {}
     for policy, record in exits.POLICIES.items():
@@ -149,7 +148,7 @@ def build_report(run_path, calib_run=None, *, n_budgets: int = 50, unit: str = "
                 result = exits.calibrate(calib_run, run, policy, target, answer_lens, min_layer, per_layer=per_layer,
                                          epsilon=epsilon, max_drop=max_drop, map_cost=map_cost)
                 if boot is not None:
-                    _add_exit_intervals(result, predictions, examples, finals, boot, order)
+                    _add_exit_intervals(result, predictions, examples, boot, order)
                     if bootstrap_calibration and not oracle and not per_layer:
                         if grid is None:
                             grid, calib_boot = _threshold_grid(calib_run, predictions, examples, result, boot, order)
@@ -163,11 +162,11 @@ def build_report(run_path, calib_run=None, *, n_budgets: int = 50, unit: str = "
     return report
 
 
-def _add_intervals(report: dict, predictions: pd.DataFrame, finals: pd.DataFrame, boot, order) -> None:
+def _add_intervals(report: dict, predictions: pd.DataFrame, boot, order) -> None:
     """The bootstrap intervals of the per-layer table and the Iso-Compute numbers, in place."""
     samples = uncertainty.resample_per_layer(predictions, boot)
     report["bootstrap"] = boot.describe()
-    report["final_accuracy_ci"] = uncertainty.mean_interval(_final_correct(finals, order), boot)
+    report["final_accuracy_ci"] = uncertainty.mean_interval(uncertainty.final_correct(predictions, order), boot)
     for lens, intervals in uncertainty.per_layer_intervals(samples, report["per_layer"], boot).items():
         report["per_layer"][lens].update(intervals)
     iso = report["iso_compute"]
@@ -177,20 +176,22 @@ def _add_intervals(report: dict, predictions: pd.DataFrame, finals: pd.DataFrame
         gain["gain_ci"] = uncertainty.gain_interval(samples, gain, boot)
 
 
-def _final_correct(finals: pd.DataFrame, order) -> np.ndarray:
-    finals = finals.set_index("example_index").reindex(order)
-    return (finals["final_decision"] == finals["gold"]).to_numpy().astype(float)
+def exit_point_intervals(predictions: pd.DataFrame, examples: pd.DataFrame, policy: str, threshold, answer_lens: str,
+                         min_layer: int, map_cost: float | None, boot, order) -> dict:
+    """An exit operating point's intervals on a run, its threshold fixed: the run's examples
+    resampled (`boot`, `order`: `uncertainty.run_bootstrap`), the threshold replayed on them
+    (`exits.simulate_exits`). `{"accuracy_ci", "fidelity_ci", "layer_token_speedup_ci",
+    "accuracy_drop_ci"}` (`uncertainty.exit_intervals`), as the report gives a calibrated point."""
+    sim = exits.simulate_exits(predictions, examples, policy, threshold, answer_lens, min_layer, map_cost=map_cost)
+    return uncertainty.exit_intervals(sim, boot, order, uncertainty.final_correct(predictions, order))
 
 
-def _add_exit_intervals(result: dict, predictions: pd.DataFrame, examples: pd.DataFrame, finals: pd.DataFrame,
-                        boot, order) -> None:
-    """A calibrated point's test-run intervals (its threshold fixed), in place: the test
-    examples resampled, the threshold replayed on them (`exits.simulate_exits`)."""
-    sim = exits.simulate_exits(predictions, examples, result["policy"], exits.parse_threshold(result["threshold"]),
-                               result["answer_lens"], result["min_layer"], map_cost=result["map_cost"])
+def _add_exit_intervals(result: dict, predictions: pd.DataFrame, examples: pd.DataFrame, boot, order) -> None:
+    """A calibrated point's test-run intervals (its threshold fixed), in place."""
     test = result["test"]
     test["accuracy_drop"] = test["full_accuracy"] - test["accuracy"]
-    test.update(uncertainty.exit_intervals(sim, boot, order, _final_correct(finals, order)))
+    test.update(exit_point_intervals(predictions, examples, result["policy"], exits.parse_threshold(result["threshold"]),
+                                     result["answer_lens"], result["min_layer"], result["map_cost"], boot, order))
 
 
 def _points(interval) -> str:

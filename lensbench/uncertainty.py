@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from lensbench import metrics
 from lensbench.errors import LensbenchError
 from lensbench.exits.simulate import _simulate, default_thresholds
 
@@ -148,6 +149,20 @@ def _pairs(interval: np.ndarray) -> list:
 def example_order(predictions: pd.DataFrame) -> np.ndarray:
     """The run's example indices in the order every bootstrap of the report uses (ascending)."""
     return np.sort(predictions["example_index"].unique())
+
+
+def run_bootstrap(predictions: pd.DataFrame, resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
+                  level: float = DEFAULT_LEVEL) -> tuple[Bootstrap, np.ndarray]:
+    """The bootstrap of a run's examples and their order (`example_order`): the one
+    `report.build_report` makes, so that the app and the analyses get the report's intervals."""
+    order = example_order(predictions)
+    return Bootstrap(len(order), resamples, seed, level), order
+
+
+def final_correct(predictions: pd.DataFrame, order: np.ndarray) -> np.ndarray:
+    """Per example of `order`, whether the full model is right (1.0 / 0.0): its final readout."""
+    finals = metrics.final_rows(predictions).set_index("example_index").reindex(order)
+    return (finals["final_decision"] == finals["gold"]).to_numpy().astype(float)
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Exits: every policy's accuracy/speedup curve in one plot; one policy's operating point (its
-calibrated threshold when the run stores a calibration, else its best-accuracy point), exit
+calibrated threshold when the run stores a calibration, else its best-accuracy point) with its
+bootstrap intervals (error bars on the marked points unless the sidebar hides them), exit
 layers and exit traces."""
 
 from __future__ import annotations
@@ -123,6 +124,21 @@ m[1].metric("fidelity", f"{point['fidelity']:.3f}")
 m[2].metric("speedup (layer-tokens)", speed_text(point["layer_token_speedup"]))
 m[3].metric("mean exit layer", f"{point['mean_exit_layer']:.1f}")
 m[4].metric("exit rate", f"{point['exit_rate']:.2f}")
+intervals = ui.show_intervals()
+
+
+def point_intervals(name: str, tau: float) -> dict | None:
+    """A point's bootstrap intervals, its threshold fixed (None when the sidebar hides them)."""
+    return data.exit_intervals(path, stamp, name, answer_lens, min_layer, tau) if intervals else None
+
+
+ci = point_intervals(policy, tau)
+if ci is not None:
+    speeds = ", ".join(exits.format_speedup(x) for x in ci["layer_token_speedup_ci"])
+    st.caption(f"{data.interval_settings()}, the threshold fixed: accuracy {plotting.interval_text(ci['accuracy_ci'])} · "
+               f"fidelity {plotting.interval_text(ci['fidelity_ci'])} · speedup [{speeds}]× · accuracy drop from the "
+               f"full model {plotting.interval_text(ci['accuracy_drop_ci'], 100, '.1f', signed=True)} points "
+               "(paired: the same resampled examples)")
 
 # Every runnable policy's curve in one plot; each marked at its starting point, the chosen
 # policy's current point as a star.
@@ -136,17 +152,23 @@ for name in exits.POLICIES:
         continue
     if name == policy:
         marks.append({"x": point["layer_token_speedup"], "y": point["accuracy"], "policy": name,
-                      "label": f"{plotting.policy_label(name)}: {where}"})
+                      "label": f"{plotting.policy_label(name)}: {where}",
+                      "x_interval": ci and ci["layer_token_speedup_ci"], "y_interval": ci and ci["accuracy_ci"]})
     else:
         first = next((f"calibrated: {c['target']}" for c in calibrations_of(name)), BEST)
         r, label = start_point(name, other, first)
+        other_ci = point_intervals(name, float(other.iloc[r]["threshold"]))
         marks.append({"x": other.iloc[r]["layer_token_speedup"], "y": other.iloc[r]["accuracy"], "policy": name,
                       "symbol": "circle-open", "size": 14,
-                      "label": f"{plotting.policy_label(name)}: τ = {other.iloc[r]['threshold']:.3g} ({label})"})
+                      "label": f"{plotting.policy_label(name)}: τ = {other.iloc[r]['threshold']:.3g} ({label})",
+                      "x_interval": other_ci and other_ci["layer_token_speedup_ci"],
+                      "y_interval": other_ci and other_ci["accuracy_ci"]})
 left, right = st.columns([3, 2])
 with left:
     fig = plotting.exit_tradeoff_figure(curves, full_accuracy=summary["final_accuracy"], operating_points=marks,
-                                        title="accuracy against compute, every policy (speedup = full cost / cost)")
+                                        title="accuracy against compute, every policy (speedup = full cost / cost)"
+                                              + ("<br><sup>error bars: the marked points' intervals</sup>" if intervals
+                                                 else ""), level=data.BOOTSTRAP[2])
     ui.plot(fig, key="exits-curve")
 with right:
     ui.plot(plotting.exit_histogram(sim["exit_layer"], n_layers, threshold, title=f"exit layers at {where}"),

@@ -1,4 +1,5 @@
-"""Roles: the [s]/[a] slot ablations per layer, swap follow-rates, attention [a] -> [s]."""
+"""Roles: the [s]/[a] slot ablations per layer (with their interval bands), swap follow-rates,
+attention [a] -> [s]."""
 
 from __future__ import annotations
 
@@ -24,9 +25,13 @@ else:
                       format_func=plotting.lens_label) or []
     metric = st.radio("Metric", ["accuracy", "fidelity"], horizontal=True, key="roles-metric")
     references = [r for r in ("simlens", "logit") if r in per_layer]
-    fig = plotting.ablation_figure(per_layer, chosen, references, metrics=(metric,),
-                                   final_accuracy=summary["final_accuracy"],
-                                   chance=data.chance(path, stamp) if metric == "accuracy" else None)
+    intervals = ui.show_intervals()
+    if intervals:
+        st.caption(f"Shaded: {data.interval_settings()}.")
+    fig = plotting.ablation_figure(data.per_layer_intervals(path, stamp) if intervals else per_layer, chosen,
+                                   references, metrics=(metric,), final_accuracy=summary["final_accuracy"],
+                                   chance=data.chance(path, stamp) if metric == "accuracy" else None,
+                                   bands=intervals, level=data.BOOTSTRAP[2])
     ui.plot(fig, key="roles-ablation")
     table = pd.DataFrame({plotting.lens_label(lens): per_layer[lens][metric] for lens in [*references, *chosen]},
                          index=pd.Index(per_layer[(references or chosen)[0]]["layer"], name="layer"))

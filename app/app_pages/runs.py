@@ -1,4 +1,5 @@
-"""Runs: per-layer accuracy and fidelity per lens, Iso-Compute curves, the manifest."""
+"""Runs: per-layer accuracy and fidelity per lens, Iso-Compute curves (each with its bootstrap
+interval band unless the sidebar hides them), the manifest."""
 
 from __future__ import annotations
 
@@ -63,10 +64,15 @@ arrangement = "overlay"
 if len(selected) > 1:
     arrangement = c2.radio("Runs", ["facet", "overlay"], horizontal=True, key="runs-arrangement",
                            format_func=lambda x: {"facet": "side by side", "overlay": "overlaid (one marker per run)"}[x])
-curves = {r.name: {"lenses": summaries[r.name]["lenses"], "n_layers": int(summaries[r.name]["final_layer"]),
+intervals = ui.show_intervals()
+if intervals:
+    st.caption(f"Shaded: {data.interval_settings()} (docs/METHOD.md, 'Uncertainty'); hover a point for its interval.")
+curves = {r.name: {"lenses": data.per_layer_intervals(*data.key(r)) if intervals else summaries[r.name]["lenses"],
+                   "n_layers": int(summaries[r.name]["final_layer"]),
                    "final_accuracy": summaries[r.name]["final_accuracy"], "chance": data.chance(*data.key(r))}
           for r in selected}
-ui.plot(plotting.runs_per_layer_figure(curves, lenses, x=axis, arrangement=arrangement), key="runs-per-layer")
+ui.plot(plotting.runs_per_layer_figure(curves, lenses, x=axis, arrangement=arrangement, bands=intervals,
+                                       level=data.BOOTSTRAP[2]), key="runs-per-layer")
 
 st.subheader("Iso-Compute accuracy")
 st.caption("Accuracy at the deepest readout point whose mean per-example cost fits the budget "
@@ -78,12 +84,18 @@ for r in selected:
     if not iso["curves"]:
         st.info(f"{r.name}: none of the chosen lenses has a cost model.")
         continue
+    ci = data.iso_compute_intervals(*data.key(r), present) if intervals else {"curves_ci": {}, "gain_ci": None}
     if iso["gain"] is not None:
+        interval = ""
+        if ci["gain_ci"] is not None:
+            interval = (f" ({plotting.interval_label(data.BOOTSTRAP[2])} "
+                        f"{plotting.interval_text(ci['gain_ci'], 100, '.1f', signed=True)})")
         st.markdown(f"**{r.name}**: average Iso-Compute gain of SimLens over the logit lens "
-                    f"**{iso['gain'] * 100:+.1f} points**")
+                    f"**{iso['gain'] * 100:+.1f} points**{interval}")
     fig = plotting.iso_compute_figure(iso["curves"], full_cost=iso["full_cost"],
                                       final_accuracy=summaries[r.name]["final_accuracy"], gain=iso["gain"],
-                                      title=r.name if len(selected) > 1 else None)
+                                      title=r.name if len(selected) > 1 else None, intervals=ci["curves_ci"],
+                                      gain_interval=ci["gain_ci"], level=data.BOOTSTRAP[2])
     ui.plot(fig, key=f"runs-iso-{r.name}")
 
 st.subheader("Manifest")

@@ -9,7 +9,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from lensbench.plotting.style import (
-    METRIC_LABELS, chance_line, final_line, layout, lens_color, lens_label, lens_line, run_symbol, value_range,
+    METRIC_LABELS, band_traces, chance_line, final_line, interval_label, interval_text, layout, lens_color, lens_dash,
+    lens_label, lens_line, run_symbol, value_range,
 )
 
 X_LABELS = {"layer": "readout layer", "relative": "relative depth (layer / number of layers)"}
@@ -30,6 +31,8 @@ def runs_per_layer_figure(
     x: str = "layer",
     arrangement: str = "facet",
     title: str | None = None,
+    bands: bool = True,
+    level: float | None = 0.95,
 ) -> go.Figure:
     """Per-layer curves of one or several runs, one colour per lens, the logit lens grey dashed.
 
@@ -38,6 +41,11 @@ def runs_per_layer_figure(
     x: "layer" or "relative" (layer / L, for runs of different depths); arrangement: "facet"
     (one column per run, one row per metric) or "overlay" (one panel per metric, one marker
     symbol per run). The legend holds one entry per lens (and per run when overlaid).
+
+    A lens whose data has `accuracy_ci` / `fidelity_ci` (the report's `per_layer`, `[[lo, hi],
+    ...]` per layer: `lensbench.uncertainty`) gets a shaded band of that interval behind its
+    line, in its colour (`style.band_traces`; no legend entry), and the interval on hover;
+    `bands=False` leaves them out. level: the intervals' level, for their names.
     """
     names = list(runs)
     overlay = arrangement == "overlay" or len(names) == 1
@@ -63,15 +71,23 @@ def runs_per_layer_figure(
                     continue
                 xs = _x_values(data["layer"], info.get("n_layers"), x)
                 label = lens_label(name)
+                interval = data.get(f"{metric}_ci") if bands else None
+                if interval is not None:
+                    for trace in band_traces(xs, interval, label if len(names) == 1 else f"{run} · {label}",
+                                             lens_color(name), name, level, dash=lens_dash(name), meta=run):
+                        fig.add_trace(trace, row=row, col=col)
+                    ranges.setdefault((row, col), []).extend(v for pair in interval for v in (pair or ()) if v is not None)
+                hover_ci = [f" {interval_text(pair)}" for pair in interval] if interval is not None else [""] * len(xs)
                 fig.add_trace(go.Scatter(
                     x=xs, y=data[metric], mode="lines+markers", name=label, legendgroup=name,
                     showlegend=name not in shown and not (overlay and len(names) > 1),
                     line=lens_line(name), marker=dict(size=6 if len(names) > 1 and overlay else 5,
                                                       symbol=run_symbol(r) if overlay else "circle"),
-                    customdata=list(data["layer"]),
+                    customdata=[[layer, ci] for layer, ci in zip(data["layer"], hover_ci)],
                     meta=run,
-                    hovertemplate=f"{run}<br>{label}<br>layer %{{customdata}}" + (" (depth %{x:.2f})" if x == "relative" else "")
-                                  + f"<br>{metric} %{{y:.3f}}<extra></extra>",
+                    hovertemplate=f"{run}<br>{label}<br>layer %{{customdata[0]}}"
+                                  + (" (depth %{x:.2f})" if x == "relative" else "")
+                                  + f"<br>{metric} %{{y:.3f}}%{{customdata[1]}}<extra></extra>",
                 ), row=row, col=col)
                 shown.add(name)
                 ranges.setdefault((row, col), []).extend(v for v in data[metric] if v is not None)
@@ -109,16 +125,19 @@ def per_layer_figure(
     title: str | None = None,
     chance: float | None = None,
     n_layers: int | None = None,
+    bands: bool = True,
+    level: float | None = 0.95,
 ) -> go.Figure:
     """Per-layer curves of one run, one subplot per metric, one line per lens.
 
-    per_layer: `{lens: {"layer": [...], "accuracy": [...], "fidelity": [...]}}` (`summary["lenses"]`).
-    lenses: which lenses to draw, in order (default: all); missing ones are skipped.
+    per_layer: `{lens: {"layer": [...], "accuracy": [...], "fidelity": [...]}}` (`summary["lenses"]`,
+    or the report's `per_layer`, whose `accuracy_ci` / `fidelity_ci` are drawn as bands unless
+    `bands=False`). lenses: which lenses to draw, in order (default: all); missing ones are skipped.
     final_accuracy: the full model's accuracy (a dotted line); chance: chance accuracy (dash-dot).
     """
     names = [n for n in (lenses or list(per_layer)) if n in per_layer]
     run = {"lenses": per_layer, "final_accuracy": final_accuracy, "chance": chance, "n_layers": n_layers}
-    return runs_per_layer_figure({"run": run}, names, metrics, title=title)
+    return runs_per_layer_figure({"run": run}, names, metrics, title=title, bands=bands, level=level)
 
 
 def iso_compute_figure(
@@ -129,23 +148,41 @@ def iso_compute_figure(
     gain_label: str = "SimLens − logit lens",
     title: str | None = None,
     chance: float | None = None,
+    intervals: Mapping[str, Sequence] | None = None,
+    gain_interval: Sequence | None = None,
+    level: float | None = 0.95,
 ) -> go.Figure:
     """Iso-Compute accuracy against the compute budget, one step line per lens.
 
     curves: `{lens: DataFrame[budget, accuracy, layer]}` (`compute.iso_compute_curve`).
     full_cost: the full model's cost in the same units (marked with a vertical line).
-    gain: the average Iso-Compute gain, shown in the title.
+    gain: the average Iso-Compute gain, shown in the title, with `gain_interval` (`[lo, hi]`,
+    the report's `gain_ci`) after it when given.
+    intervals: `{lens: [[lo, hi], ...]}` per budget of its curve (the report's
+    `iso_compute.curves_ci`), drawn as step bands behind the lines (`style.band_traces`).
+    level: the intervals' level, for their names.
     """
     fig = go.Figure()
     values: list[float] = []
+    intervals = intervals or {}
     for name, frame in curves.items():
         if frame is None or len(frame) == 0:
             continue
         layer = frame["layer"] if "layer" in frame else [None] * len(frame)
+        band = intervals.get(name)
+        if band is not None:
+            if len(band) != len(frame):
+                raise ValueError(f"{name}: {len(band)} intervals for an Iso-Compute curve of {len(frame)} budgets")
+            fig.add_traces(band_traces(list(frame["budget"]), band, lens_label(name), lens_color(name), name, level,
+                                       line_shape="hv", dash=lens_dash(name)))
+            values += [v for pair in band for v in (pair or ()) if v is not None and v == v]
+        hover_ci = [f" {interval_text(pair)}" for pair in band] if band is not None else [""] * len(frame)
         fig.add_trace(go.Scatter(
             x=list(frame["budget"]), y=list(frame["accuracy"]), mode="lines", line_shape="hv",
-            name=lens_label(name), line=lens_line(name), customdata=list(layer),
-            hovertemplate=f"{lens_label(name)}<br>budget %{{x:.0f}}<br>accuracy %{{y:.3f}}<br>layer %{{customdata}}<extra></extra>",
+            name=lens_label(name), legendgroup=name, line=lens_line(name),
+            customdata=[[lay, ci] for lay, ci in zip(layer, hover_ci)],
+            hovertemplate=f"{lens_label(name)}<br>budget %{{x:.0f}}<br>accuracy %{{y:.3f}}%{{customdata[1]}}"
+                          "<br>layer %{customdata[0]}<extra></extra>",
         ))
         values += [v for v in frame["accuracy"] if v == v]
     if full_cost is not None:
@@ -153,7 +190,11 @@ def iso_compute_figure(
     final_line(fig, final_accuracy, "full-model accuracy", position="bottom left")
     chance_line(fig, chance)
     if gain is not None:
-        suffix = f"average Iso-Compute gain ({gain_label}): {gain * 100:+.1f} points"
+        suffix = f"average Iso-Compute gain ({gain_label}): {gain * 100:+.1f}"
+        if gain_interval is not None:
+            suffix += f" {interval_text(gain_interval, 100, '.1f', signed=True)} points ({interval_label(level)})"
+        else:
+            suffix += " points"
         title = f"{title}<br><sup>{suffix}</sup>" if title else suffix
     fig.update_xaxes(title_text="compute budget (layer-token units)")
     fig.update_yaxes(title_text="Iso-Compute accuracy", range=value_range(values, [final_accuracy, chance]))
@@ -173,10 +214,14 @@ def ablation_figure(
     final_accuracy: float | None = None,
     title: str | None = None,
     chance: float | None = None,
+    bands: bool = True,
+    level: float | None = 0.95,
 ) -> go.Figure:
-    """SimLens under each slot ablation, next to plain SimLens and the logit lens."""
+    """SimLens under each slot ablation, next to plain SimLens and the logit lens (with the
+    bands of `per_layer_figure` where `per_layer` has intervals)."""
     ablations = list(ablations) if ablations is not None else ablation_lenses(per_layer)
-    return per_layer_figure(per_layer, [*references, *ablations], metrics, final_accuracy, title, chance=chance)
+    return per_layer_figure(per_layer, [*references, *ablations], metrics, final_accuracy, title, chance=chance,
+                            bands=bands, level=level)
 
 
 def swap_figure(swap: Mapping[str, Mapping], title: str | None = None) -> go.Figure:

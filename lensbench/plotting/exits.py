@@ -8,7 +8,9 @@ from typing import Mapping, Sequence
 import numpy as np
 import plotly.graph_objects as go
 
-from lensbench.plotting.style import EXAMPLE_COLORS, final_line, layout, lens_dash, lens_color, policy_label
+from lensbench.plotting.style import (
+    EXAMPLE_COLORS, final_line, interval_label, interval_text, layout, lens_color, lens_dash, policy_label,
+)
 
 POLICY_COLORS = {"oracle": "#000000"}
 
@@ -27,6 +29,7 @@ def exit_tradeoff_figure(
     title: str | None = None,
     labels: Mapping[str, str] | None = None,
     log_x: bool = True,
+    level: float | None = 0.95,
 ) -> go.Figure:
     """Accuracy (or fidelity) against speedup as the exit threshold sweeps, one line per policy.
 
@@ -34,8 +37,11 @@ def exit_tradeoff_figure(
     (`exits.operating_curve`); a one-row curve (the oracle) is drawn as a point.
     operating_points: dicts with `x`, `y`, `label`, optionally `policy` (coloured like its
     curve) and `symbol` (a plotly marker symbol, default a star), e.g. the calibrated "best
-    accuracy" and "≤ 1 point drop" thresholds measured on the test split.
-    labels: display names of the policies (default: `policy_label`).
+    accuracy" and "≤ 1 point drop" thresholds measured on the test split. A point with
+    `x_interval` / `y_interval` (`[lo, hi]`: the report's `layer_token_speedup_ci` /
+    `accuracy_ci`, `lensbench.uncertainty`) gets error bars of those intervals (none on a side
+    whose bound is missing or infinite, as a speedup's can be) and them on hover.
+    labels: display names of the policies (default: `policy_label`); level: the intervals' level.
     """
     labels = dict(labels or {})
     fig = go.Figure()
@@ -57,12 +63,25 @@ def exit_tradeoff_figure(
         ))
     for point in operating_points:
         color = policy_color(point["policy"]) if point.get("policy") else "black"
+        errors, hover = {}, {"x": "", "y": ""}
+        for axis in ("x", "y"):
+            interval = point.get(f"{axis}_interval")
+            if interval is None:
+                continue
+            hover[axis] = " " + interval_text(interval, fmt=".2f" if axis == "x" and x == "layer_token_speedup" else ".3f")
+            bar = _error_bar(point[axis], interval, color)
+            if bar is not None:
+                errors[f"error_{axis}"] = bar
+        if errors:
+            hover["y"] += f" ({interval_label(level)})"
         fig.add_trace(go.Scatter(
             x=[point["x"]], y=[point["y"]], mode="markers", name=point.get("label", "operating point"),
             legendgroup=str(point.get("policy")),
             marker=dict(symbol=point.get("symbol", "star"), size=point.get("size", 16), color=color,
                         line=dict(color="black", width=1)),
-            hovertemplate=f"{point.get('label', '')}<br>speedup %{{x:.2f}}×<br>{y} %{{y:.3f}}<extra></extra>",
+            hovertemplate=f"{point.get('label', '')}<br>speedup %{{x:.2f}}×{hover['x']}<br>{y} %{{y:.3f}}{hover['y']}"
+                          "<extra></extra>",
+            **errors,
         ))
     if full_accuracy is not None and y == "accuracy":
         final_line(fig, full_accuracy, "full model")
@@ -72,6 +91,17 @@ def exit_tradeoff_figure(
                      type="log" if log_x else None)
     fig.update_yaxes(title_text=y)
     return layout(fig, title, width=800, height=520)
+
+
+def _error_bar(value, interval, color: str) -> dict | None:
+    """A plotly error bar from `value` to the bounds of `interval` (a side whose bound is missing
+    or infinite is left out; None when both are)."""
+    lo, hi = interval
+    ok = [b is not None and np.isfinite(b) for b in (lo, hi)]
+    if not any(ok) or value is None or not np.isfinite(value):
+        return None
+    return dict(type="data", symmetric=False, array=[max(hi - value, 0.0) if ok[1] else 0.0],
+                arrayminus=[max(value - lo, 0.0) if ok[0] else 0.0], color=color, thickness=1.5, width=5, visible=True)
 
 
 def exit_histogram(exit_layer: Sequence[int], n_layers: int, threshold: float | None = None,

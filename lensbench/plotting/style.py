@@ -98,6 +98,59 @@ def lens_order(names) -> list[str]:
     return [n for n in first if n in names] + [n for n in names if n not in first]
 
 
+BAND_ALPHA = 0.15  # the fill of an interval band: the line's colour, mostly transparent
+BOUNDS = ("lower", "upper")
+
+
+def interval_label(level: float | None = 0.95) -> str:
+    """`95 % interval`: how a band or an error bar is named (the bootstrap's level)."""
+    return f"{(0.95 if level is None else level) * 100:g} % interval"
+
+
+def band_name(label: str, bound: str, level: float | None = 0.95) -> str:
+    """The name of a band's `lower` or `upper` bound trace (kept out of the legend):
+    `SimLens · 95 % interval, lower bound`."""
+    return f"{label} · {interval_label(level)}, {bound} bound"
+
+
+def translucent(color: str, alpha: float = BAND_ALPHA) -> str:
+    """`#1f77b4` as `rgba(31,119,180,alpha)`."""
+    value = color.lstrip("#")
+    if len(value) == 3:
+        value = "".join(c * 2 for c in value)
+    r, g, b = (int(value[i:i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r},{g},{b},{alpha:g})"
+
+
+def band_traces(x: Sequence, interval: Sequence, label: str, color: str, legendgroup: str,
+                level: float | None = 0.95, line_shape: str | None = None, dash: str | None = None,
+                **extra) -> list[go.Scatter]:
+    """A shaded interval band: two traces, the lower bound then the upper bound filled down to
+    it (`fill="tonexty"`), in `color` at `BAND_ALPHA`, without lines (width 0; `dash` as the
+    line's, for uniform trace data), legend entries or hover (the band shows and hides with its
+    line's legend group). `interval`: `[[lo, hi], ...]` per x (None or NaN bounds leave a gap);
+    `extra`: further trace properties (e.g. `meta`, the run)."""
+    lows, highs = [], []
+    for pair in interval:
+        lo, hi = (None, None) if pair is None else pair
+        lows.append(None if lo is None or lo != lo else float(lo))
+        highs.append(None if hi is None or hi != hi else float(hi))
+    common = dict(x=list(x), mode="lines", line=dict(width=0, color=color, shape=line_shape, dash=dash),
+                  legendgroup=legendgroup,
+                  showlegend=False, hoverinfo="skip", **extra)
+    return [go.Scatter(y=lows, name=band_name(label, "lower", level), **common),
+            go.Scatter(y=highs, name=band_name(label, "upper", level), fill="tonexty",
+                       fillcolor=translucent(color), **common)]
+
+
+def interval_text(interval, scale: float = 1.0, fmt: str = ".3f", signed: bool = False) -> str:
+    """`[0.571, 0.650]` (None bounds as `–`); `scale=100, fmt=".1f", signed=True` gives points: `[+2.1, +12.0]`."""
+    if interval is None:
+        return ""
+    spec = ("+" if signed else "") + fmt
+    return "[" + ", ".join("–" if x is None or x != x else format(x * scale, spec) for x in interval) + "]"
+
+
 def policy_label(name: str) -> str:
     return POLICY_LABELS.get(name, name)
 
@@ -114,9 +167,10 @@ def layout(fig: go.Figure, title: str | None, height: int = 480, width: int | No
         "top": dict(orientation="h", yanchor="bottom", y=1.1, xanchor="left", x=0),
         "right": dict(orientation="v", yanchor="top", y=1, xanchor="left", x=1.02),
     }
+    top = 40 if not title else 90 if legend != "top" else 150 if "<br>" in title else 130  # a top legend below the title
     fig.update_layout(
-        title=title, template="plotly_white", height=height, width=width, legend=legends[legend],
-        margin=dict(l=60, r=20, t=90 if title else 40, b=60),
+        title=title, template="plotly_white", height=height + (top - 90 if title and legend == "top" else 0),
+        width=width, legend=legends[legend], margin=dict(l=60, r=20, t=top, b=60),
     )
     return fig
 

@@ -475,3 +475,108 @@ def test_broken_complete_run(tmp_path, app_runs, monkeypatch):
     for page in PAGES:
         at = make_app(tmp_path, monkeypatch, page)
         assert any("no summary.json" in e for e in texts(at, "error")), texts(at, "error")
+
+
+# --- Intervals (issue 16): the report's bootstrap intervals as bands and error bars ---------------------------
+
+
+def band(figure: dict, label: str, bound: str, axis: str = "x") -> list:
+    """The y values of a band's `lower` / `upper` trace (`plotting.band_name`) on `axis`."""
+    from lensbench import plotting
+
+    name = plotting.band_name(label, bound, 0.95)
+    found = [t for t in traces(figure) if t.get("name") == name and t.get("xaxis", "x") == axis]
+    assert len(found) == 1, f"no single band trace {name!r} on {axis}"
+    return [np.nan if v is None else v for v in values(found[0]["y"])]
+
+
+def bounds(intervals, side: int) -> list:
+    return [np.nan if pair[side] is None else pair[side] for pair in intervals]
+
+
+def band_traces(figure: dict) -> list[dict]:
+    return [t for t in traces(figure) if " interval, " in t.get("name", "")]
+
+
+@pytest.fixture(scope="module")
+def small_report(app_runs):
+    """The library's report of the small run (default bootstrap: 1000 resamples, seed 0), in memory."""
+    from lensbench.report import build_report
+
+    return build_report(app_runs / "small", write=False)
+
+
+def test_runs_page_bands_are_the_reports_intervals(app_runs, small_report, monkeypatch):
+    from lensbench import plotting
+
+    at = make_app(app_runs, monkeypatch)
+    assert at.checkbox(key="intervals").value is True  # on by default
+    per_layer, iso = figures(at)[:2]
+    for lens in ("logit", "simlens"):
+        label = plotting.lens_label(lens)
+        for metric, axis in (("accuracy", "x"), ("fidelity", "x2")):
+            intervals = small_report["per_layer"][lens][f"{metric}_ci"]
+            assert np.allclose(band(per_layer, label, "lower", axis), bounds(intervals, 0), equal_nan=True)
+            assert np.allclose(band(per_layer, label, "upper", axis), bounds(intervals, 1), equal_nan=True)
+        intervals = small_report["iso_compute"]["curves_ci"][lens]
+        assert np.allclose(band(iso, label, "lower"), bounds(intervals, 0), equal_nan=True)
+        assert np.allclose(band(iso, label, "upper"), bounds(intervals, 1), equal_nan=True)
+    assert sum(1 for t in traces(per_layer) if t.get("showlegend", True)) == 2  # the legend: the two lenses
+    lo, hi = small_report["iso_compute"]["gains"]["simlens_vs_logit"]["gain_ci"]
+    assert any(f"[{lo * 100:+.1f}, {hi * 100:+.1f}]" in m for m in texts(at, "markdown"))
+
+    at.checkbox(key="intervals").uncheck().run()
+    assert not at.exception
+    per_layer, iso = figures(at)[:2]
+    assert not band_traces(per_layer) and not band_traces(iso)
+    shown = {t["name"]: values(t["y"]) for t in traces(per_layer) if t.get("xaxis", "x") == "x"}
+    assert np.allclose(shown["SimLens"], small_report["per_layer"]["simlens"]["accuracy"])  # the lines stay
+    assert not any(f"[{lo * 100:+.1f}, {hi * 100:+.1f}]" in m for m in texts(at, "markdown"))
+
+    at.switch_page("app_pages/roles.py").run()  # the choice holds on every page
+    assert not at.exception and at.checkbox(key="intervals").value is False
+    assert not band_traces(figures(at)[0])
+    at.checkbox(key="intervals").check().run()
+    ablations = figures(at)[0]
+    intervals = small_report["per_layer"]["simlens[drop-s]"]["accuracy_ci"]
+    assert np.allclose(band(ablations, plotting.lens_label("simlens[drop-s]"), "upper"), bounds(intervals, 1),
+                       equal_nan=True)
+
+
+def test_exits_page_error_bars(app_runs, small, small_report, monkeypatch):
+    """The current point's error bars and intervals: at τ = 0 nothing exits, so its accuracy
+    interval is the report's full-model interval and the paired drop is 0; at the last step they
+    are the library's for that threshold (`report.exit_point_intervals`)."""
+    from lensbench import uncertainty
+    from lensbench.report import exit_point_intervals
+
+    at = make_app(app_runs, monkeypatch, "exits")
+    slider = at.select_slider[0]
+    slider.set_value(slider.options[0]).run()
+    star = next(t for t in traces(figures(at)[0]) if t.get("marker", {}).get("symbol") == "star")
+    y = values(star["y"])[0]
+    lo, hi = small_report["final_accuracy_ci"]
+    assert y - values(star["error_y"]["arrayminus"])[0] == pytest.approx(lo)
+    assert y + values(star["error_y"]["array"])[0] == pytest.approx(hi)
+    assert any(f"accuracy [{lo:.3f}, {hi:.3f}]" in c and "accuracy drop from the full model [+0.0, +0.0]" in c
+               for c in texts(at, "caption"))
+
+    at.select_slider[0].set_value(at.select_slider[0].options[-1]).run()
+    assert not at.exception
+    predictions, examples = small.predictions(), small.examples()
+    top = float(exits.operating_curve(predictions, examples, "simlens")["threshold"].max())
+    boot, order = uncertainty.run_bootstrap(predictions)
+    expected = exit_point_intervals(predictions, examples, "simlens", top, "simlens", 0, None, boot, order)
+    star = next(t for t in traces(figures(at)[0]) if t.get("marker", {}).get("symbol") == "star")
+    x, y = values(star["x"])[0], values(star["y"])[0]
+    lo, hi = expected["accuracy_ci"]
+    assert y - values(star["error_y"]["arrayminus"])[0] == pytest.approx(lo)
+    assert y + values(star["error_y"]["array"])[0] == pytest.approx(hi)
+    lo, hi = expected["layer_token_speedup_ci"]
+    assert x - values(star["error_x"]["arrayminus"])[0] == pytest.approx(lo)
+    assert x + values(star["error_x"]["array"])[0] == pytest.approx(hi)
+
+    at.checkbox(key="intervals").uncheck().run()
+    assert not at.exception
+    assert not any("error_x" in t or "error_y" in t for t in traces(figures(at)[0]))
+    assert not any("bootstrap intervals" in c for c in texts(at, "caption"))
