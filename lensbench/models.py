@@ -340,6 +340,7 @@ def _random_transformer(preset: str, params: dict, seed: int, device: str, dtype
     with warnings.catch_warnings(), torch.device(device):
         warnings.simplefilter("ignore")
         model = HookedTransformer(cfg, tokenizer, default_padding_side="right")
+    torch.nn.Module.to(model, dtype)  # the float32 buffer TransformerLens makes (attention's IGNORE) too
     model.eval()
     return model
 
