@@ -282,11 +282,13 @@ def random_model(
     normal(0, `cfg.initializer_range`), TransformerLens's default (`gpt2`) scheme; norm weights
     stay ones and biases zeros, as TransformerLens builds them. Each weight matrix is drawn from
     a generator of its own on `device`, seeded from (`seed`, parameter name), so no parameter's
-    values depend on another's size or on the order parameters are visited in.
+    values depend on another's size or on the order parameters are visited in; the weights
+    `relayout_weights` re-lays out are drawn in that layout (no copy afterwards).
 
-    Reproducibility: the same preset, seed, device type and dtype give bit-identical weights.
-    CPU and CUDA generators differ, so the same seed gives different weights on a CPU and on a
-    GPU (and in float32 and bfloat16); these models serve tests and throughput, not accuracy.
+    Reproducibility: the same preset, seed, device type and dtype give bit-identical weights
+    (with the same torch and TransformerLens). CPU and CUDA generators differ, so the same seed
+    gives different weights on a CPU and on a GPU, and a bfloat16 model's weights are not
+    exactly its float32 twin's rounded; these models serve tests and throughput, not accuracy.
 
     `n_ctx` (default: the preset's) does not change the weights a seed gives: the learned
     position rows are drawn at the preset's length (then cut), and rows past it come from a
@@ -313,12 +315,20 @@ def _param_generator(seed: int, name: str, device: torch.device) -> torch.Genera
 
 @torch.no_grad()
 def _fill_random(model, seed: int, preset_ctx: int) -> None:
-    """Fill `model`'s weight matrices in place (see `random_model`), in order of name."""
+    """Fill `model`'s weight matrices in place (see `random_model`), in order of name. A weight
+    `relayout_weights` would re-lay out is drawn straight into that layout (its own storage,
+    viewed in the order TransformerLens reads it), so nothing is copied afterwards."""
     std = model.cfg.initializer_range
+    layouts = _relayout_plan(model)
     for name, param in sorted(model.named_parameters()):
         if "W_" not in name:  # norm weights (ones) and biases (zeros) are as TransformerLens built them
             continue
-        if name == "pos_embed.W_pos" and param.shape[0] != preset_ctx:
+        if name in layouts:
+            perm = layouts[name]
+            stored = param.data.view(-1).view(param.permute(*perm).shape)  # the same (unfilled) memory
+            stored.normal_(0, std, generator=_param_generator(seed, name, param.device))
+            param.data = stored.permute(*_inverse(perm))
+        elif name == "pos_embed.W_pos" and param.shape[0] != preset_ctx:
             rows = param.new_empty(preset_ctx, param.shape[1]).normal_(0, std, generator=_param_generator(seed, name, param.device))
             if param.shape[0] > preset_ctx:
                 extra = param.new_empty(param.shape[0] - preset_ctx, param.shape[1])
