@@ -147,10 +147,8 @@ def load(spec: str, device: str, dtype: str, n_ctx: int):
     from lensbench.models import load_model, resolve_device
 
     device = resolve_device(device)
-    # A random model is initialised where it will run (seconds on a GPU, minutes for 7B on a CPU).
-    context = torch.device(device) if spec.startswith("random:") else contextlib.nullcontext()
-    with context:
-        model, info = load_model(spec, device, dtype, n_ctx)
+    # A random model is created and initialised on `device` by load_model itself.
+    model, info = load_model(spec, device, dtype, n_ctx)
     return model, info, device
 
 

@@ -6,8 +6,12 @@ the analyses all compute the same numbers.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas is imported where it is used: `lensbench eval --help` does not need it
+    import pandas as pd
 
 
 def per_layer(predictions: pd.DataFrame) -> dict:
@@ -35,6 +39,8 @@ def swap_rates(predictions: pd.DataFrame, reference_lens: str = "simlens") -> di
 
     Decisions are compared as tokens, since donor and recipient may have different candidates.
     """
+    import pandas as pd
+
     swap = predictions[predictions["donor_index"] >= 0]
     ref = predictions[predictions["lens"] == reference_lens]
     if swap.empty or ref.empty:
@@ -66,6 +72,8 @@ def swap_rates(predictions: pd.DataFrame, reference_lens: str = "simlens") -> di
 
 def settle_layer(predictions: pd.DataFrame, lens: str) -> pd.Series:
     """Per example: the first layer from which `lens`'s decision never changes again."""
+    import pandas as pd
+
     frame = predictions[predictions["lens"] == lens].sort_values(["example_index", "layer"])
     result = {}
     for index, group in frame.groupby("example_index", sort=False):

@@ -235,11 +235,21 @@ def _load_cached(folder: Path, device: str, dtype: torch.dtype, n_ctx: int, n_de
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = HookedTransformer(cfg, tokenizer, move_to_device=False, default_padding_side="right")
-    missing, unexpected = model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+    # The parameters become the file's tensors (assign=True: mapped, copy-on-write, no copy),
+    # except the weights `relayout_weights` would re-lay out: those are copied once, into that
+    # layout and the dtype, here (so `relayout_weights` in load_model finds nothing to do).
+    state = load_file(str(folder / "model.safetensors"))
+    for name, perm in _relayout_plan(model).items():
+        if name in state:
+            state[name] = _in_layout(state[name], perm, dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     buffers = {name for name, _ in model.named_buffers()}
     if unexpected or set(missing) - buffers:
         raise LensbenchError(f"cached model in {folder} does not match this TransformerLens version; delete it to reconvert")
-    model.to(dtype, print_details=False)
+    # What TransformerLens's `model.to(dtype)` does, without its loop that calls `state_dict()`
+    # once per entry and discards the result (seconds for a 30-block model).
+    model.cfg.dtype = dtype
+    torch.nn.Module.to(model, dtype)
     model.move_model_modules_to_device()
     model.eval()
     return model
@@ -266,8 +276,23 @@ def random_model(
 ):
     """A randomly initialised HookedTransformer of a preset shape, with the embedded tokenizer.
 
-    `n_ctx` (default: the preset's) does not change the weights a seed gives: learned position
-    rows past the preset's length come from a generator of their own."""
+    The model is built directly on `device` in `dtype` (no CPU float32 copy, no move): its
+    modules are created under `torch.device(device)` without TransformerLens's initialisation,
+    then every weight matrix (a parameter whose name holds `W_`) is filled in place with
+    normal(0, `cfg.initializer_range`), TransformerLens's default (`gpt2`) scheme; norm weights
+    stay ones and biases zeros, as TransformerLens builds them. Each weight matrix is drawn from
+    a generator of its own on `device`, seeded from (`seed`, parameter name), so no parameter's
+    values depend on another's size or on the order parameters are visited in; the weights
+    `relayout_weights` re-lays out are drawn in that layout (no copy afterwards).
+
+    Reproducibility: the same preset, seed, device type and dtype give bit-identical weights
+    (with the same torch and TransformerLens). CPU and CUDA generators differ, so the same seed
+    gives different weights on a CPU and on a GPU, and a bfloat16 model's weights are not
+    exactly its float32 twin's rounded; these models serve tests and throughput, not accuracy.
+
+    `n_ctx` (default: the preset's) does not change the weights a seed gives: the learned
+    position rows are drawn at the preset's length (then cut), and rows past it come from a
+    generator of their own."""
     if preset not in RANDOM_PRESETS:
         raise LensbenchError(f"unknown random preset '{preset}' (expected one of {', '.join(RANDOM_PRESETS)})")
     if not 0 <= seed < 2**32:
@@ -277,35 +302,55 @@ def random_model(
     tokenizer = tokenizer if tokenizer is not None else embedded_tokenizer()
     params = dict(RANDOM_PRESETS[preset])
     params["d_vocab"] = max(params.get("d_vocab", 0), len(tokenizer))  # every token id must embed
-    n_ctx = n_ctx or params["n_ctx"]
-    if n_ctx == params["n_ctx"] or params["positional_embedding_type"] != "standard":
-        return _random_transformer(preset, dict(params, n_ctx=n_ctx), seed, device, dtype, tokenizer)
-    # W_pos's size would shift every later draw: take the preset's weights, then resize W_pos.
-    reference = _random_transformer(preset, params, seed, device, dtype, tokenizer)
-    model = _random_transformer(preset, dict(params, n_ctx=n_ctx), seed, device, dtype, tokenizer, init=False)
-    state = dict(reference.named_parameters())
-    w_pos = state["pos_embed.W_pos"].detach()
-    if n_ctx > w_pos.shape[0]:
-        rows = torch.randn(n_ctx - w_pos.shape[0], w_pos.shape[1], generator=torch.Generator().manual_seed(seed))
-        w_pos = torch.cat([w_pos, (rows * reference.cfg.initializer_range).to(w_pos)])
-    state["pos_embed.W_pos"] = w_pos[:n_ctx]
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(state[name])
+    model = _random_transformer(preset, dict(params, n_ctx=n_ctx or params["n_ctx"]), seed, device, dtype, tokenizer)
+    _fill_random(model, seed, params["n_ctx"])
     return model
 
 
-def _random_transformer(preset: str, params: dict, seed: int, device: str, dtype: torch.dtype, tokenizer, init: bool = True):
+def _param_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
+    """A generator on `device` for one parameter, seeded from the model seed and its name."""
+    key = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+    return torch.Generator(device=device).manual_seed(key)
+
+
+@torch.no_grad()
+def _fill_random(model, seed: int, preset_ctx: int) -> None:
+    """Fill `model`'s weight matrices in place (see `random_model`), in order of name. A weight
+    `relayout_weights` would re-lay out is drawn straight into that layout (its own storage,
+    viewed in the order TransformerLens reads it), so nothing is copied afterwards."""
+    std = model.cfg.initializer_range
+    layouts = _relayout_plan(model)
+    for name, param in sorted(model.named_parameters()):
+        if "W_" not in name:  # norm weights (ones) and biases (zeros) are as TransformerLens built them
+            continue
+        if name in layouts:
+            perm = layouts[name]
+            stored = param.data.view(-1).view(param.permute(*perm).shape)  # the same (unfilled) memory
+            stored.normal_(0, std, generator=_param_generator(seed, name, param.device))
+            param.data = stored.permute(*_inverse(perm))
+        elif name == "pos_embed.W_pos" and param.shape[0] != preset_ctx:
+            rows = param.new_empty(preset_ctx, param.shape[1]).normal_(0, std, generator=_param_generator(seed, name, param.device))
+            if param.shape[0] > preset_ctx:
+                extra = param.new_empty(param.shape[0] - preset_ctx, param.shape[1])
+                rows = torch.cat([rows, extra.normal_(0, std, generator=_param_generator(seed, name + ":beyond", param.device))])
+            param.copy_(rows[: param.shape[0]])
+        else:
+            param.normal_(0, std, generator=_param_generator(seed, name, param.device))
+
+
+def _random_transformer(preset: str, params: dict, seed: int, device: str, dtype: torch.dtype, tokenizer):
+    """The preset's HookedTransformer, created on `device` in `dtype` with its weight matrices
+    left uninitialised (`_fill_random` fills them)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     cfg = HookedTransformerConfig(
-        **params, seed=seed, device=device, dtype=dtype, init_weights=init,
+        **params, seed=seed, device=device, dtype=dtype, init_weights=False,
         original_architecture=f"random:{preset}", model_name=f"random-{preset}",
     )
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.device(device):
         warnings.simplefilter("ignore")
-        torch.manual_seed(seed)
         model = HookedTransformer(cfg, tokenizer, default_padding_side="right")
+    torch.nn.Module.to(model, dtype)  # the float32 buffer TransformerLens makes (attention's IGNORE) too
     model.eval()
     return model
 
@@ -384,6 +429,29 @@ def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(sorted(range(len(perm)), key=perm.__getitem__))
 
 
+def _relayout_plan(model) -> dict[str, tuple[int, ...]]:
+    """{parameter name: the permutation TransformerLens applies to it per call} for the weights
+    `relayout_weights` stores in that layout."""
+    from transformer_lens.components.mlps.gated_mlp import GatedMLP
+
+    plan = {}
+    for name, param in model.named_parameters():
+        suffix = next((key for key in _LAYOUTS if name == key or name.endswith("." + key)), None)
+        if suffix is None or param.dim() != len(_LAYOUTS[suffix]):
+            continue
+        if suffix.startswith("mlp.") and not isinstance(model.get_submodule(name.rsplit(".", 1)[0]), GatedMLP):
+            continue
+        plan[name] = _LAYOUTS[suffix]
+    return plan
+
+
+def _in_layout(tensor: torch.Tensor, perm: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`tensor` (cast to `dtype`) stored so that `.permute(*perm)` is contiguous: one copy."""
+    target = tensor.permute(*perm)
+    out = torch.empty(target.shape, dtype=dtype or tensor.dtype, device=tensor.device)
+    return out.copy_(target).permute(*_inverse(perm))
+
+
 def relayout_weights(model) -> int:
     """Store the weights TransformerLens re-lays out on every call in that layout once, as
     strided views (same shapes, same values); returns how many were changed.
@@ -391,23 +459,13 @@ def relayout_weights(model) -> int:
     Only the gated MLP copies its weights (`W.T.contiguous()`); the plain MLP's `addmm` reads
     W_in and W_out as stored, so those stay. `Module.to` keeps these strides (preserve_format).
     """
-    from transformer_lens.components.mlps.gated_mlp import GatedMLP
-
     changed = 0
-    for name, param in model.named_parameters():
-        suffix = next((key for key in _LAYOUTS if name == key or name.endswith("." + key)), None)
-        if suffix is None:
-            continue
-        if suffix.startswith("mlp.") and not isinstance(model.get_submodule(name.rsplit(".", 1)[0]), GatedMLP):
-            continue
-        perm = _LAYOUTS[suffix]
-        if param.dim() != len(perm):
-            continue
-        target = param.data.permute(*perm)
-        if target.is_contiguous():
-            continue
-        param.data = target.contiguous().permute(*_inverse(perm))
-        changed += 1
+    params = dict(model.named_parameters())
+    for name, perm in _relayout_plan(model).items():
+        param = params[name]
+        if not param.data.permute(*perm).is_contiguous():
+            param.data = _in_layout(param.data, perm)
+            changed += 1
     return changed
 
 

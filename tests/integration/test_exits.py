@@ -244,10 +244,12 @@ def between_entropies(data: exits.ExitData, quantile: float) -> float:
     return float((values[i - 1] + values[i]) / 2)
 
 
+# The quantiles depend on the random model's weights: each is chosen so that some examples leave
+# early and some do not (the test's first assertion checks it).
 @pytest.mark.parametrize("policy, answer, quantile, batch_size, min_layer", [
     ("linear-simlens", "simlens", 0.5, 1, 0),
     ("linear-simlens", "simlens", 0.3, 4, 1),
-    ("logit", "simlens", 0.6, 4, 0),
+    ("logit", "simlens", 0.3, 4, 0),
     ("simlens", "simlens", 0.4, 3, 0),
     ("linear-simlens", "logit", 0.5, 4, 0),
 ])

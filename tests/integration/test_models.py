@@ -173,6 +173,32 @@ def test_weight_relayout_is_copy_free_and_bit_identical(embedded):
     assert models.relayout_weights(half) == 0
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cached_model_holds_the_files_weights_in_dtype_and_layout(embedded, dtype):
+    """The load (the file's tensors taken as they are, the re-laid-out weights copied once, no
+    TransformerLens `.to`) gives the file's values in the dtype asked for, every weight
+    TransformerLens re-lays out already in that layout, and the embedded fixture's logits."""
+    from safetensors.torch import load_file
+
+    model, _ = models.load_model("smollm2-135m", dtype=dtype) if dtype != "float32" else embedded
+    torch_dtype = models.resolve_dtype(dtype)
+    gguf = models.shipped_gguf_path("smollm2-135m")
+    folder = models._convert_to_cache(gguf, "gguf", models._sha256(gguf), models.DEFAULT_N_CTX)  # the cached copy
+    stored = load_file(str(folder / "model.safetensors"))
+    params = dict(model.named_parameters())
+    assert params.keys() == stored.keys()
+    for name, tensor in stored.items():
+        assert params[name].dtype == torch_dtype and torch.equal(params[name], tensor.to(torch_dtype)), name
+    floating = {b.dtype for b in model.buffers() if b.is_floating_point()}
+    assert floating == {torch_dtype} and model.cfg.dtype == torch_dtype
+    assert models.relayout_weights(model) == 0  # nothing left to re-lay out
+    if dtype != "float32":
+        tokens = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
+        with torch.inference_mode():
+            ours, reference = model(tokens).float(), embedded[0](tokens)
+        assert (ours.argmax(-1) == reference.argmax(-1)).float().mean() > 0.8
+
+
 @pytest.mark.parametrize("fixture", ["tiny_rotary", "embedded"])  # plain and grouped-query attention
 def test_value_bias_folding_keeps_the_outputs(request, fixture):
     import copy

@@ -1,0 +1,83 @@
+"""Random-weight models (`random:PRESET[:SEED]`): built where they run, in the dtype asked for,
+and reproducible from their seed. The n_ctx rule is in tests/unit/test_input_errors.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lensbench.models import random_model
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+@pytest.mark.parametrize("preset", ["tiny-rotary", "tiny-learned"])  # RMS + rotary + gated; LN + learned positions
+def test_a_seed_gives_the_same_weights_and_another_seed_others(tokenizer, preset):
+    first, again, other = (random_model(preset, seed, tokenizer=tokenizer) for seed in (5, 5, 6))
+    a, b, c = _state(first), _state(again), _state(other)
+    assert a.keys() == b.keys() == c.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name  # bit for bit
+    matrices = [name for name in a if "W_" in name]
+    assert len(matrices) > 4 * first.cfg.n_layers
+    for name in matrices:
+        assert not torch.equal(a[name], c[name]), name
+    # every weight matrix has its own draw: no two are the same numbers
+    firsts = {float(a[name].flatten()[0]) for name in matrices}
+    assert len(firsts) == len(matrices)
+
+
+def test_weights_follow_transformer_lens_initialisation(tokenizer):
+    """Weight matrices ~ normal(0, initializer_range); norm weights ones; biases zeros."""
+    model = random_model("tiny-learned", 3, tokenizer=tokenizer)
+    std = model.cfg.initializer_range
+    for name, param in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if "W_" in name:
+            assert abs(float(param.mean())) < 0.1 * std, name
+            assert 0.9 < float(param.std()) / std < 1.1, name
+        elif leaf == "w":
+            assert torch.equal(param, torch.ones_like(param)), name
+        else:
+            assert leaf.startswith("b"), name
+            assert torch.equal(param, torch.zeros_like(param)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_built_in_the_dtype_asked_for(tokenizer, dtype):
+    model = random_model("tiny-rotary", 1, dtype=dtype, tokenizer=tokenizer)
+    floating = {name: t.dtype for name, t in _state(model).items() if t.is_floating_point()}
+    assert floating and set(floating.values()) == {dtype}, {n: d for n, d in floating.items() if d != dtype}
+    assert model.cfg.dtype == dtype
+    again = random_model("tiny-rotary", 1, dtype=dtype, tokenizer=tokenizer)
+    for name, tensor in _state(again).items():
+        assert torch.equal(tensor, _state(model)[name]), name
+    with torch.inference_mode():
+        logits = model(torch.tensor([[1, 20, 300, 4000]]))
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
+
+
+def test_load_model_builds_random_models_reproducibly(tokenizer):
+    from lensbench.models import load_model
+
+    (first, info), (again, _) = load_model("random:tiny-rotary:9"), load_model("random:tiny-rotary:9")
+    assert info.source_sha256 == "random-tiny-rotary-9"
+    for name, param in first.named_parameters():
+        assert torch.equal(param, dict(again.named_parameters())[name]), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU machine)")
+def test_built_on_the_gpu_in_bfloat16(tokenizer):
+    """Created on the device (no CPU copy to move), reproducible there; CUDA's generators are not
+    the CPU's, so the weights differ from the CPU model's of the same seed."""
+    model = random_model("tiny-rotary", 1, device="cuda", dtype=torch.bfloat16, tokenizer=tokenizer)
+    again = random_model("tiny-rotary", 1, device="cuda", dtype=torch.bfloat16, tokenizer=tokenizer)
+    for name, tensor in _state(model).items():
+        assert tensor.is_cuda and (tensor.dtype == torch.bfloat16 or not tensor.is_floating_point()), name
+        assert torch.equal(tensor, _state(again)[name]), name
+    on_cpu = random_model("tiny-rotary", 1, dtype=torch.bfloat16, tokenizer=tokenizer)
+    assert not torch.equal(model.embed.W_E.cpu(), on_cpu.embed.W_E)
+    with torch.inference_mode():
+        assert torch.isfinite(model(torch.tensor([[1, 20, 300]], device="cuda"))).all()
