@@ -98,6 +98,11 @@ RANDOM_PRESETS: dict[str, dict] = {
         n_layers=3, d_model=64, n_heads=4, d_head=16, d_mlp=128, act_fn="gelu",
         normalization_type="LN", positional_embedding_type="standard", n_ctx=2048,
     ),
+    "tiny-deep": dict(  # 12 narrow layers: room for exits to spread (the executor's tests)
+        n_layers=12, d_model=32, n_heads=4, d_head=8, d_mlp=64, act_fn="silu",
+        normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8,
+        gated_mlp=True, n_ctx=2048,
+    ),
     # LLaMA-2-7B's shape with random weights: for throughput figures, not accuracy.
     "llama2-7b-shape": dict(
         n_layers=32, d_model=4096, n_heads=32, d_head=128, d_mlp=11008, act_fn="silu",

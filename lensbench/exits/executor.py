@@ -25,32 +25,35 @@ from lensbench.tasks import make_batches
 
 @dataclass
 class ExecutorStats:
-    """What one `run` computed in the prompt pass, and how it was batched.
+    """How one `run` batched the prompt pass.
 
-    block_calls: prompt block calls (the count a launch-bound GPU pays per call);
-    row_layers: rows summed over those calls, i.e. the examples' exit layers summed (the count
-    compute-bound hardware pays); token_layers: rows x padded length summed over the calls;
-    calls_per_block: block calls per block index; cohorts: groups of examples admitted
-    together (the batches, without refill); merges: cohorts that caught up with another;
-    checks: confidence readouts (one per cohort and checked layer); continuations: calls of
-    the SimLens continuation that answers exited examples (flushes)."""
+    block_calls: prompt block calls (what a small model on a GPU pays for: launches and one
+    synchronisation per check, whatever the rows); row_layers: rows summed over those calls,
+    which is the examples' exit layers summed (every row runs each block below its exit once);
+    token_layers: rows x padded length summed over the calls; calls_per_block: block calls per
+    block index; admissions: groups of waiting examples embedded together (the batches,
+    without refill); merges: rows that joined others waiting at the same layer; checks:
+    confidence readouts (one per group of rows arriving at a checked layer); continuations:
+    SimLens continuation calls (flushes); max_in_flight: the most examples in the prompt pass
+    at once."""
 
     block_calls: int = 0
     row_layers: int = 0
     token_layers: int = 0
     calls_per_block: list[int] = field(default_factory=list)
-    cohorts: int = 0
+    admissions: int = 0
     merges: int = 0
     checks: int = 0
     continuations: int = 0
+    max_in_flight: int = 0
 
     def rows_per_call(self) -> float:
         return self.row_layers / self.block_calls if self.block_calls else float("nan")
 
     def as_dict(self) -> dict:
         return {"block_calls": self.block_calls, "row_layers": self.row_layers, "token_layers": self.token_layers,
-                "rows_per_call": self.rows_per_call(), "cohorts": self.cohorts, "merges": self.merges,
-                "checks": self.checks, "continuations": self.continuations}
+                "rows_per_call": self.rows_per_call(), "admissions": self.admissions, "merges": self.merges,
+                "checks": self.checks, "continuations": self.continuations, "max_in_flight": self.max_in_flight}
 
 
 @dataclass
@@ -69,6 +72,7 @@ class ExecutorResult:
 
 
 MAX_GRAPHED_PAIRS = 16
+DEFAULT_POOL = 4
 
 
 def _bucket(n: int) -> int:
@@ -76,20 +80,24 @@ def _bucket(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-@dataclass(eq=False)  # compared by identity (list.remove), never by value
-class _Cohort:
-    """Rows of the prompt pass at the same layer: `resid` is `blocks.{layer}.hook_resid_pre`
-    (right-padded to the longest of `lengths`); `slots` index the run's examples; `index` and
-    `lengths_t` are their device copies (so no step synchronises to build them)."""
+@dataclass(eq=False)  # compared by identity, never by value
+class _Rows:
+    """Rows of the prompt pass at one layer: `resid` holds their residual stream there,
+    right-padded to the longest of `lengths`, rows longest first; `slots` index the run's
+    examples; `index` and `lengths_t` are device copies (so no step synchronises to build
+    them)."""
 
-    layer: int
     resid: Tensor
     slots: list[int]
     lengths: list[int]
     index: Tensor
     lengths_t: Tensor
 
+    def __len__(self) -> int:
+        return len(self.slots)
+
     def keep(self, keep: Tensor, kept: list[int]) -> None:
+        """Keep the rows `kept` (`keep` is their mask), trimmed to the longest of them."""
         self.slots = [self.slots[i] for i in kept]
         self.lengths = [self.lengths[i] for i in kept]
         if not kept:
@@ -98,17 +106,33 @@ class _Cohort:
         self.index = self.index[keep.to(self.index.device)]
         self.lengths_t = self.lengths_t[keep.to(self.lengths_t.device)]
 
-    def absorb(self, other: "_Cohort") -> None:
-        """Take `other`'s rows (same layer): both are right-padded to the longer length. The pad
-        positions are zeros; with a causal mask no real position attends to them."""
+    def split(self, n: int) -> tuple["_Rows", "_Rows"]:
+        """The first (longest) `n` rows and the rest, each trimmed to its longest prompt."""
+        def part(a, b):
+            lengths = self.lengths[a:b]
+            return _Rows(self.resid[a:b, : max(lengths)], self.slots[a:b], lengths, self.index[a:b], self.lengths_t[a:b])
+        return part(0, n), part(n, len(self))
+
+    def absorb(self, other: "_Rows") -> None:
+        """Take `other`'s rows (same layer), right-padded to the longer length and put in
+        length order. The pad positions are zeros: with a causal mask no real position
+        attends to them."""
         width = max(self.resid.shape[1], other.resid.shape[1])
         parts = [torch.nn.functional.pad(r, (0, 0, 0, width - r.shape[1])) if r.shape[1] < width else r
                  for r in (self.resid, other.resid.to(self.resid.device))]
         self.resid = torch.cat(parts)
-        self.slots += other.slots
-        self.lengths += other.lengths
+        self.slots = self.slots + other.slots
+        self.lengths = self.lengths + other.lengths
         self.index = torch.cat([self.index, other.index.to(self.index.device)])
         self.lengths_t = torch.cat([self.lengths_t, other.lengths_t.to(self.lengths_t.device)])
+        order = sorted(range(len(self)), key=lambda i: (-self.lengths[i], self.slots[i]))
+        if order != list(range(len(self))):
+            self.slots = [self.slots[i] for i in order]
+            self.lengths = [self.lengths[i] for i in order]
+            perm = torch.tensor(order)
+            self.resid = self.resid[perm.to(self.resid.device)]
+            self.index = self.index[perm.to(self.index.device)]
+            self.lengths_t = self.lengths_t[perm.to(self.lengths_t.device)]
 
 
 class _RunState:
@@ -128,31 +152,44 @@ class _RunState:
 
 class SimExitExecutor:
     """Early exit that stops computing: the prompt runs block by block, examples whose
-    confidence at a readout point falls below the threshold leave the batch, and their
+    confidence at a readout point falls below the threshold leave the prompt pass, and their
     `[s]`/`[a]` pairs are continued by SimLens (`continue_slots`) for the answer.
 
     model: a HookedTransformer; linear_lens: a fitted `LinearLens` (needed by the
     `linear-simlens` policy or answer); threshold: a float or `{layer: tau}`; policy:
     linear-simlens (SimExit), logit or simlens; entropy: over the candidates or the vocabulary.
     Prompts are right-padded, so no attention mask is needed; rows that leave are cut out and
-    their group is trimmed to its longest remaining prompt.
+    the rest trimmed to their longest prompt.
 
-    Batching with refill (`run(encoded, batch_size)`): up to `batch_size` examples are in the
-    prompt pass at once, and the slots of examples that exit are given to waiting examples,
-    so the rows of a block call follow the *mean* exit layer, not the batch's maximum. Rows
-    at the same layer form a *cohort* (one tensor, one block call per step). Waiting examples
-    (length-sorted, longest first) enter as a new cohort at layer 0 once at least
-    `refill_at x batch_size` slots are free (or all that remain fit, or nothing runs). The
-    lowest cohort always advances first, and a cohort that reaches the layer of another merges
-    with it, so a new cohort catches up with the older rows and then shares their block calls.
-    Every row still runs exactly the blocks below its exit layer once (row-layers = the sum
-    of the exit layers, as without refill); what refill changes is how many rows share a
-    block call. Calling each block once per distinct layer present at every step would
-    multiply the block calls, which is what a small model on a GPU is bound by (launches, not
-    rows); cohorts that merge keep them near (sum of exit layers) / batch_size plus one
-    catch-up per cohort. `refill_at` near 1 admits fewer, larger cohorts (fewer calls, emptier
-    slots); near 0, more and smaller ones. `run(..., refill=False)` is the batching without
-    refill: length-sorted batches, each running until its last example exits (`run_batch`).
+    Batching with refill (`run(encoded, batch_size)`, the default). A block call runs at most
+    `batch_size` rows (the memory of a call, as the full model's batch), and up to
+    `pool x batch_size` examples are in the prompt pass at once (only their residual streams
+    are kept between calls). Rows wait at their layer: the rows at one layer are one tensor,
+    and rows arriving there (from the block below, or new examples embedded at layer 0) are
+    checked, then merged into it. Each step runs one block call:
+
+    1. the lowest layer where at least `batch_size` rows wait runs `batch_size` of them
+       (a full call);
+    2. else, if examples are waiting and the pool has room for a full call's worth, they
+       enter at layer 0 (longest prompts first; as many as there is room for);
+    3. else the lowest layer runs what it has, so its rows catch up with those above and
+       merge with them.
+
+    Why: every row runs each block below its exit layer once whatever the batching (the
+    prompt pass's row-layers are the sum of the exit layers, also without refill, where exited
+    rows are cut out), so what refill changes is how many rows share a block call. Without it
+    a batch runs until its last example exits and its last calls carry a row or two; on a GPU
+    a small model's block call costs about the same launches and synchronisation whatever its
+    rows, so time follows the number of calls, `batches x the maximum exit layer`. Calling
+    each block once per distinct layer at every step (continuous batching over layers) would
+    multiply the calls; refilling a batch's freed slots with new examples at layer 0 that
+    catch up with the older rows (cohorts, with `pool=1`) makes the catching-up calls half
+    empty and, in simulations of spread exit layers, more calls than no refill. A pool larger
+    than a call lets rows wait until a call is full: the calls approach
+    `sum of exit layers / batch_size` (about 15-45 % fewer than without refill in those
+    simulations, `pool=4`; docs/performance.md). `pool` trades memory for fuller calls.
+    `run(..., refill=False)` is the batching without refill: length-sorted batches of
+    `batch_size`, each run until its last example exits (`run_batch` runs one batch).
 
     Exited pairs that SimLens answers wait and are continued together once `flush_pairs` are
     pending, and at the end (`continue_slots`: block k runs once over every pair that needs
@@ -160,15 +197,15 @@ class SimExitExecutor:
 
     cuda_graphs (default: on for a model on one CUDA device, consecutive positions): the
     SimLens continuation replays per-block CUDA graphs (`GraphedContinuation`, one set per
-    power-of-two number of pairs up to MAX_GRAPHED_PAIRS, captured on first use; a set runs
-    pairs that start at different layers in one pass from the lowest) instead of calling the
-    blocks from Python. Hooks added to the model after capture are not seen by the graphs.
+    power-of-two number of pairs up to MAX_GRAPHED_PAIRS, captured on first use; one pass from
+    the lowest start layer continues pairs that exited at different layers) instead of calling
+    the blocks from Python. Hooks added to the model after capture are not seen by the graphs.
     """
 
     def __init__(self, model, linear_lens=None, threshold: float | dict = 0.0, policy: str = "linear-simlens",
                  answer_lens: str = "simlens", min_layer: int = 0, entropy: str = "candidates",
                  positions: str = "consecutive", pad_id: int = 0, cuda_graphs: bool | None = None,
-                 refill_at: float = 0.5, flush_pairs: int = MAX_GRAPHED_PAIRS):
+                 pool: float = DEFAULT_POOL, flush_pairs: int = MAX_GRAPHED_PAIRS):
         if policy not in POLICIES or POLICIES[policy].confidence is None:
             raise LensbenchError(f"the executor runs the policies {', '.join(executor_policies())} (got '{policy}')")
         if answer_lens not in ANSWER_LENSES:
@@ -180,10 +217,10 @@ class SimExitExecutor:
         n_layers = model.cfg.n_layers
         if not 0 <= min_layer <= n_layers:
             raise LensbenchError(f"min_layer must be in 0..{n_layers} (got {min_layer})")
-        if not 0 < refill_at <= 1:
-            raise LensbenchError(f"refill_at is a fraction of the batch in (0, 1] (got {refill_at})")
-        if int(flush_pairs) < 1:
-            raise LensbenchError(f"flush_pairs must be at least 1 (got {flush_pairs})")
+        if not (isinstance(pool, (int, float)) and math.isfinite(pool) and pool >= 1):
+            raise LensbenchError(f"pool is a multiple of the batch size, at least 1 (got {pool})")
+        if not (isinstance(flush_pairs, int) and flush_pairs >= 1):
+            raise LensbenchError(f"flush_pairs must be a whole number of at least 1 (got {flush_pairs})")
         if linear_lens is not None:
             linear_lens.check_model(model, None)
             if linear_lens.config.site != "pre":
@@ -197,8 +234,8 @@ class SimExitExecutor:
         self.entropy_mode = entropy
         self.positions = positions
         self.pad_id = pad_id
-        self.refill_at = float(refill_at)
-        self.flush_pairs = int(flush_pairs)
+        self.pool = float(pool)
+        self.flush_pairs = flush_pairs
         self.tau = threshold_vector(threshold, n_layers, min_layer).tolist()
         on_cuda = cuda_graphs_possible(model)
         if cuda_graphs and not on_cuda:
@@ -236,27 +273,27 @@ class SimExitExecutor:
         return self._graphs[n]
 
     def _continue_graphed(self, z: Tensor, layers: list[int]) -> Tensor | None:
-        """Graphed continuation in chunks of at most MAX_GRAPHED_PAIRS pairs, each padded to a
-        power of two with pairs that start at L (never run); None where graphs cannot run."""
+        """The graphed continuation in chunks of at most MAX_GRAPHED_PAIRS pairs, each padded to
+        a power of two with pairs that start at L (never run); None where graphs cannot run."""
         n_layers = self.model.cfg.n_layers
         out = []
         for start in range(0, len(layers), MAX_GRAPHED_PAIRS):
             chunk = [int(x) for x in layers[start : start + MAX_GRAPHED_PAIRS]]
-            size = _bucket(len(chunk))
-            runner = self._graphed(size)
+            n = len(chunk)
+            runner = self._graphed(_bucket(n))
             if runner is None:
                 return None
-            zc = z[start : start + len(chunk)]
-            if size > len(chunk):
-                zc = torch.cat([zc, zc.new_zeros(size - len(chunk), *zc.shape[1:])])
-                chunk += [n_layers] * (size - len(chunk))
-            out.append(runner.run(zc, chunk)[: min(len(layers) - start, MAX_GRAPHED_PAIRS)].to(z.dtype))
+            zc = z[start : start + n]
+            if runner.n > n:
+                zc = torch.cat([zc, zc.new_zeros(runner.n - n, *zc.shape[1:])])
+                chunk += [n_layers] * (runner.n - n)
+            out.append(runner.run(zc, chunk)[:n].to(z.dtype))
         return torch.cat(out)
 
     def _continue(self, s: Tensor, a: Tensor, layers: list[int], lengths: Tensor) -> Tensor:
         n_layers = self.model.cfg.n_layers
         z = torch.stack([s, a], dim=1)
-        if self.cuda_graphs:
+        if self.cuda_graphs and self.positions == "consecutive":
             out = self._continue_graphed(z, layers)
             if out is not None:
                 return out
@@ -270,73 +307,69 @@ class SimExitExecutor:
     def _confidence_input(self, layer: int, s: Tensor, h: Tensor, lengths: Tensor) -> Tensor:
         return self._policy.confidence(self, layer, s, h, lengths)
 
-    # --- the prompt pass, cohort by cohort ---------------------------------------------------------
+    # --- the prompt pass ---------------------------------------------------------------------------
 
-    def _admit(self, state: _RunState, slots: list[int]) -> _Cohort:
-        """Embed waiting examples as a new cohort at layer 0."""
+    def _admit(self, state: _RunState, slots: list[int]) -> _Rows:
+        """Waiting examples, embedded: their rows at layer 0."""
         device = self.model.cfg.device
         tokens, lengths_t = pad_right([state.examples[i].tokens for i in slots], self.pad_id, device)
-        resid = self.model(tokens, stop_at_layer=0)
-        state.stats.cohorts += 1
-        return _Cohort(0, resid, list(slots), [len(state.examples[i].tokens) for i in slots],
-                       torch.tensor(slots, device=device), lengths_t)
+        state.stats.admissions += 1
+        return _Rows(self.model(tokens, stop_at_layer=0), list(slots),
+                     [len(state.examples[i].tokens) for i in slots], torch.tensor(slots, device=device), lengths_t)
 
-    def _check(self, state: _RunState, c: _Cohort) -> None:
-        """The confidence of the cohort's rows at its layer; rows below the threshold exit."""
-        layer, resid = c.layer, c.resid
+    def _check(self, state: _RunState, rows: _Rows, layer: int) -> None:
+        """The confidence of `rows` at `layer`; the rows below the threshold exit (their
+        answers are read, or their pairs wait for SimLens) and are cut out of `rows`."""
+        resid = rows.resid
         state.stats.checks += 1
-        pick = torch.arange(len(c.slots), device=resid.device)
-        h = resid[pick, (c.lengths_t - 1).to(resid.device)]
+        h = resid[torch.arange(len(rows), device=resid.device), (rows.lengths_t - 1).to(resid.device)]
         s = resid[:, 0]
-        cand, mask = state.cand[c.index], state.mask[c.index]
-        x = self._confidence_input(layer, s, h, c.lengths_t)
-        ent, dec = self._readout(x, cand, mask)
+        cand, mask = state.cand[rows.index], state.mask[rows.index]
+        ent, dec = self._readout(self._confidence_input(layer, s, h, rows.lengths_t), cand, mask)
         leave = ent < self.tau[layer]
         leaving = torch.nonzero(leave).flatten()
-        rows = leaving.tolist()  # the step's one synchronisation
-        if not rows:
+        out = leaving.tolist()  # the check's one synchronisation
+        if not out:
             return
         own = self._policy.confidence_lens == self.answer_lens  # the check already read the answer
-        slots = [c.slots[r] for r in rows]
+        slots = [rows.slots[r] for r in out]
         at = leaving.to(cand.device)
-        h_rows = h[leaving.to(h.device)]
-        dec_rows = dec[leaving]
+        h_out = h[leaving.to(h.device)]
+        dec_out = dec[leaving]
         if self.answer_lens == "simlens" and not own:
-            state.pending.append((slots, [layer] * len(rows), s[leaving.to(s.device)], h_rows))
-            state.n_pending += len(rows)
+            state.pending.append((slots, [layer] * len(out), s[leaving.to(s.device)], h_out))
+            state.n_pending += len(out)
         elif self.answer_lens == "linear-simlens" and not own:
-            _, dec_rows = self._readout(self.linear_lens.transform(h_rows, layer), cand[at], mask[at])
+            _, dec_out = self._readout(self.linear_lens.transform(h_out, layer), cand[at], mask[at])
         elif self.answer_lens == "logit" and not own:
-            _, dec_rows = self._readout(h_rows, cand[at], mask[at])
-        entropies, decisions = torch.stack([ent[leaving].double(), dec_rows.to(ent.device).double()]).tolist()
+            _, dec_out = self._readout(h_out, cand[at], mask[at])
+        entropies, decisions = torch.stack([ent[leaving].double(), dec_out.to(ent.device).double()]).tolist()
         for slot, e, d in zip(slots, entropies, decisions):
             state.exit_layer[slot] = layer
             state.entropy[slot] = float(e)
             state.decision[slot] = int(d)
-        left = set(rows)
-        c.keep(~leave, [i for i in range(len(c.slots)) if i not in left])
+        gone = set(out)
+        rows.keep(~leave, [i for i in range(len(rows)) if i not in gone])
 
-    def _step(self, state: _RunState, c: _Cohort) -> None:
-        """The check at the cohort's layer (where it has a threshold), then that layer's block."""
-        layer = c.layer
+    def _arrive(self, state: _RunState, waiting: dict[int, _Rows], rows: _Rows, layer: int) -> int:
+        """`rows` reach `layer` (< L): checked there, the rest wait with the rows already there.
+        Returns how many exited."""
+        before = len(rows)
         if self.tau[layer] > NO_EXIT:
-            self._check(state, c)
-            if not c.slots:
-                return
-        c.resid = self.model.blocks[layer](c.resid.to(block_device(self.model, layer)))
-        stats = state.stats
-        stats.block_calls += 1
-        stats.row_layers += len(c.slots)
-        stats.token_layers += len(c.slots) * c.resid.shape[1]
-        stats.calls_per_block[layer] += 1
-        c.layer += 1
+            self._check(state, rows, layer)
+        if len(rows):
+            if layer in waiting:
+                waiting[layer].absorb(rows)
+                state.stats.merges += 1
+            else:
+                waiting[layer] = rows
+        return before - len(rows)
 
-    def _finish(self, state: _RunState, c: _Cohort) -> None:
+    def _finish(self, state: _RunState, rows: _Rows) -> None:
         """Rows that reached L: the model's own output answers."""
-        pick = torch.arange(len(c.slots), device=c.resid.device)
-        h = c.resid[pick, (c.lengths_t - 1).to(c.resid.device)]
-        _, dec = self._readout(h, state.cand[c.index], state.mask[c.index])
-        for slot, d in zip(c.slots, dec.tolist()):
+        h = rows.resid[torch.arange(len(rows), device=rows.resid.device), (rows.lengths_t - 1).to(rows.resid.device)]
+        _, dec = self._readout(h, state.cand[rows.index], state.mask[rows.index])
+        for slot, d in zip(rows.slots, dec.tolist()):
             state.decision[slot] = int(d)
 
     def _flush(self, state: _RunState) -> None:
@@ -357,58 +390,57 @@ class SimExitExecutor:
 
     @torch.inference_mode()
     def run(self, encoded, batch_size: int = 8, refill: bool = True) -> ExecutorResult:
-        """All examples, at most `batch_size` in the prompt pass at once; with `refill` the
-        slots of exited examples go to waiting ones (cohorts, above), without it the examples
-        run in length-sorted batches, each until its last example exits. Results come in the
-        order given."""
+        """Every example of `encoded`, block calls of at most `batch_size` rows; with `refill`
+        up to `pool x batch_size` examples in the prompt pass, rows waiting at their layer for
+        full calls (class docstring); without it, length-sorted batches, each until its last
+        example exits. Results come in the order given, with the run's `ExecutorStats`."""
         examples = list(encoded)
-        if int(batch_size) < 1:
-            raise LensbenchError(f"batch_size must be at least 1 (got {batch_size})")
-        batch_size = int(batch_size)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise LensbenchError(f"batch_size must be a whole number of at least 1 (got {batch_size})")
         model = self.model
         n_layers = model.cfg.n_layers
-        if not examples:
+        state = _RunState(examples, n_layers, model.cfg.device) if examples else None
+        if state is None:
             return ExecutorResult([], [], [], [], ExecutorStats(calls_per_block=[0] * n_layers))
-        state = _RunState(examples, n_layers, model.cfg.device)
+        stats = state.stats
         order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].tokens), examples[i].index))
-        waiting = 0  # next position in `order`
-        need = max(1, math.ceil(self.refill_at * batch_size)) if refill else batch_size
-        cohorts: list[_Cohort] = []
-        while waiting < len(order) or cohorts:
-            in_flight = sum(len(c.slots) for c in cohorts)
-            free = batch_size - in_flight
-            left = len(order) - waiting
-            if left and (not cohorts or (refill and free >= min(need, left))):
-                take = order[waiting : waiting + min(free, left)]
-                waiting += len(take)
-                new = self._admit(state, take)
-                same = next((c for c in cohorts if c.layer == 0), None)
-                if same is not None:
-                    same.absorb(new)
-                    state.stats.merges += 1
-                else:
-                    cohorts.append(new)
-            c = min(cohorts, key=lambda x: x.layer)
-            self._step(state, c)
-            if not c.slots or c.layer == n_layers:
-                if c.slots:
-                    self._finish(state, c)
-                cohorts.remove(c)
+        next_up = 0  # the next position of `order` to enter
+        # at batch size 1 every call is full: a pool would only hold memory
+        capacity = max(batch_size, int(self.pool * batch_size)) if refill and batch_size > 1 else batch_size
+        waiting: dict[int, _Rows] = {}  # layer -> the rows waiting there (checked at that layer)
+        in_flight = 0
+        while next_up < len(order) or waiting:
+            full = [layer for layer, rows in waiting.items() if len(rows) >= batch_size]
+            left, room = len(order) - next_up, capacity - in_flight
+            if not full and left and (in_flight == 0 or (refill and room >= min(batch_size, left))):
+                slots = order[next_up : next_up + min(room, left)]
+                next_up += len(slots)
+                in_flight += len(slots)
+                stats.max_in_flight = max(stats.max_in_flight, in_flight)
+                in_flight -= self._arrive(state, waiting, self._admit(state, slots), 0)
             else:
-                same = next((o for o in cohorts if o is not c and o.layer == c.layer), None)
-                if same is not None:  # caught up: one cohort (one block call per step) from here on
-                    same.absorb(c)
-                    cohorts.remove(c)
-                    state.stats.merges += 1
+                layer = min(full) if full else min(waiting)
+                rows = waiting.pop(layer)
+                if len(rows) > batch_size:
+                    rows, waiting[layer] = rows.split(batch_size)
+                rows.resid = model.blocks[layer](rows.resid.to(block_device(model, layer)))
+                stats.block_calls += 1
+                stats.row_layers += len(rows)
+                stats.token_layers += len(rows) * rows.resid.shape[1]
+                stats.calls_per_block[layer] += 1
+                if layer + 1 == n_layers:
+                    self._finish(state, rows)
+                    in_flight -= len(rows)
+                else:
+                    in_flight -= self._arrive(state, waiting, rows, layer + 1)
             if state.n_pending >= self.flush_pairs:
                 self._flush(state)
         self._flush(state)
-        return ExecutorResult([e.index for e in examples], state.exit_layer, state.decision, state.entropy, state.stats)
-
+        return ExecutorResult([e.index for e in examples], state.exit_layer, state.decision, state.entropy, stats)
 
     def run_batch(self, batch) -> ExecutorResult:
         """One batch of `EncodedExample`s (any lengths), right-padded, run until its last
-        example exits (no refill: nothing is waiting)."""
+        example exits (no refill: nothing else is waiting)."""
         batch = list(batch)
         return self.run(batch, max(1, len(batch)), refill=False)
 
