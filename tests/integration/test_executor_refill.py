@@ -209,3 +209,22 @@ def test_graphed_continuation_from_mixed_layers_on_cuda(tiny_rotary):
     want, _ = continue_slots(model, z, [ReadoutPoint(layer, "pre", n_layers) for layer in starts])
     got = GraphedContinuation(model, 4).run(z, starts)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_measure_speedup_reports_the_refilled_run_and_the_one_without(deep, examples):
+    encoded, start_id = examples
+    encoded = encoded[:10]
+    executor = exits.SimExitExecutor(deep, None, 1.1, "logit", pad_id=start_id)
+    rows = exits.measure_speedup(deep, encoded, executor, batch_sizes=(1, 3), repeats=1, warmup=0, no_refill=True)
+    n_layers = deep.cfg.n_layers
+    for row in rows:
+        assert row["wall_over_layer_token"] == pytest.approx(row["wall_clock_speedup"] / row["layer_token_speedup"])
+        assert row["full_block_calls"] == -(-len(encoded) // row["batch_size"]) * n_layers
+        stats = executor.run(encoded, row["batch_size"]).stats
+        assert (row["block_calls"], row["rows_per_call"]) == (stats.block_calls, stats.rows_per_call())
+    bs1, bs3 = rows
+    assert not bs1["refill"] and "no_refill_exit_seconds" not in bs1
+    assert bs3["refill"] and bs3["no_refill_exit_seconds"] > 0
+    assert bs3["no_refill_block_calls"] == executor.run(encoded, 3, refill=False).stats.block_calls
+    table = exits.speed_table(rows)
+    assert "without refill" in table and "wall/lt" in table
