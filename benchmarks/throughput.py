@@ -235,6 +235,8 @@ def run(args) -> dict:
     batch_size = n_pool
     while True:
         batch = make_batches(encoded[:batch_size], batch_size)[0]
+        if args.exit_only and args.batch_size != "auto":
+            break
         try:
             evaluate_batch(model, lenses_abl, ctx, batch)
             break
@@ -257,46 +259,9 @@ def run(args) -> dict:
         return unembed(model, resid[torch.arange(len(batch), device=resid.device), (lengths - 1).to(resid.device)])
 
     figures: dict = {}
-    print(f"  measuring (a) plain forward ...", file=sys.stderr, flush=True)
-    figures["plain"] = timed(plain, device, args.budget, memory=memory)
-    figures["plain_answer"] = timed(plain_answer, device, args.budget, memory=memory)
-    print(f"  measuring (b) sweep ...", file=sys.stderr, flush=True)
-    figures["sweep"] = timed(lambda: evaluate_batch(model, lenses, ctx, batch), device, args.budget, memory=memory)
-    figures["sweep_ablations"] = timed(lambda: evaluate_batch(model, lenses_abl, ctx, batch), device, args.budget, memory=memory)
-    if lenses_eager:
-        figures["sweep_ablations_eager"] = timed(lambda: evaluate_batch(model, lenses_eager, ctx_eager, batch), device,
-                                                 args.budget, memory=memory)
-    if cuda:
-        figures["sweep_ablations"]["reserved"] = torch.cuda.memory_reserved()
-    for name in figures:
-        figures[name]["examples_per_s"] = len(batch) / figures[name]["seconds"]
-    if args.profile:
-        profile_step(lambda: evaluate_batch(model, lenses_abl, ctx, batch), cuda, "(b+) sweep + ablations")
-        profile_step(plain, cuda, "(a) plain forward")
-
-    if args.naive_examples > 0:
-        print(f"  measuring (c) naive loop ...", file=sys.stderr, flush=True)
-        chosen = batch[: args.naive_examples]
-        ablation_slots = [ABLATION_SLOTS[a] for a in args.ablations.split(",") if a in ABLATION_SLOTS]
-        naive_example(model, chosen[0], points, [])  # warm-up
-        for key, slots in (("naive", []), ("naive_ablations", ablation_slots)):
-            mem: dict = {}
-            per_example = []
-            spent = time.perf_counter()
-            with memory.measure(mem):
-                for example in chosen:
-                    if cuda:
-                        torch.cuda.synchronize()
-                    t = time.perf_counter()
-                    naive_example(model, example, points, slots)
-                    if cuda:
-                        torch.cuda.synchronize()
-                    per_example.append(time.perf_counter() - t)
-                    if time.perf_counter() - spent > args.budget * 2:
-                        break
-            seconds = statistics.mean(per_example)
-            figures[key] = {"seconds_per_example": seconds, "examples_timed": len(per_example),
-                            "examples_per_s": 1 / seconds, **mem}
+    if not args.exit_only:
+        steps_a_to_c(args, model, ctx, batch, lenses, lenses_abl, lenses_eager, ctx_eager if lenses_eager else None,
+                     plain, plain_answer, points, device, memory, figures)
 
     exit_rows = None
     if args.exit_examples > 0:
@@ -344,6 +309,54 @@ def run(args) -> dict:
         "figures": figures, "ratios": ratios, "simexit": exit_rows,
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
+
+
+def steps_a_to_c(args, model, ctx, batch, lenses, lenses_abl, lenses_eager, ctx_eager, plain, plain_answer, points,
+                 device, memory, figures) -> None:
+    """(a) the plain forwards, (b) the sweeps, (c) the naive loop: into `figures`."""
+    from lensbench.evaluate import evaluate_batch
+
+    cuda = device.startswith("cuda")
+    print(f"  measuring (a) plain forward ...", file=sys.stderr, flush=True)
+    figures["plain"] = timed(plain, device, args.budget, memory=memory)
+    figures["plain_answer"] = timed(plain_answer, device, args.budget, memory=memory)
+    print(f"  measuring (b) sweep ...", file=sys.stderr, flush=True)
+    figures["sweep"] = timed(lambda: evaluate_batch(model, lenses, ctx, batch), device, args.budget, memory=memory)
+    figures["sweep_ablations"] = timed(lambda: evaluate_batch(model, lenses_abl, ctx, batch), device, args.budget, memory=memory)
+    if lenses_eager:
+        figures["sweep_ablations_eager"] = timed(lambda: evaluate_batch(model, lenses_eager, ctx_eager, batch), device,
+                                                 args.budget, memory=memory)
+    if cuda:
+        figures["sweep_ablations"]["reserved"] = torch.cuda.memory_reserved()
+    for name in figures:
+        figures[name]["examples_per_s"] = len(batch) / figures[name]["seconds"]
+    if args.profile:
+        profile_step(lambda: evaluate_batch(model, lenses_abl, ctx, batch), cuda, "(b+) sweep + ablations")
+        profile_step(plain, cuda, "(a) plain forward")
+
+    if args.naive_examples > 0:
+        print(f"  measuring (c) naive loop ...", file=sys.stderr, flush=True)
+        chosen = batch[: args.naive_examples]
+        ablation_slots = [ABLATION_SLOTS[a] for a in args.ablations.split(",") if a in ABLATION_SLOTS]
+        naive_example(model, chosen[0], points, [])  # warm-up
+        for key, slots in (("naive", []), ("naive_ablations", ablation_slots)):
+            mem: dict = {}
+            per_example = []
+            spent = time.perf_counter()
+            with memory.measure(mem):
+                for example in chosen:
+                    if cuda:
+                        torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    naive_example(model, example, points, slots)
+                    if cuda:
+                        torch.cuda.synchronize()
+                    per_example.append(time.perf_counter() - t)
+                    if time.perf_counter() - spent > args.budget * 2:
+                        break
+            seconds = statistics.mean(per_example)
+            figures[key] = {"seconds_per_example": seconds, "examples_timed": len(per_example),
+                            "examples_per_s": 1 / seconds, **mem}
 
 
 def profile_step(fn, cuda: bool, label: str, rows: int = 14) -> None:
@@ -499,6 +512,7 @@ def parse_args(argv=None):
     p.add_argument("--naive-examples", type=int, default=2, help="examples timed in the naive loop (0: skip)")
     p.add_argument("--exit-examples", type=int, default=8, help="examples timed for SimExit (0: skip)")
     p.add_argument("--exit-repeats", type=int, default=2)
+    p.add_argument("--exit-only", action="store_true", help="time only (d) SimExit (skip the forwards, sweeps and naive loop)")
     p.add_argument("--exit-batch-sizes", help="SimExit batch sizes, comma-separated (default: 1 and the sweep's batch size)")
     p.add_argument("--exit-threshold", type=float, help="SimExit threshold (default: median entropy at the middle layer)")
     p.add_argument("--exit-min-layer", type=int)

