@@ -14,9 +14,13 @@ On one batch of a task's prompts (5-shot ARC-Easy by default) and one model, in 
                   (simlens_logits_naive) and one unembedding for the logit lens; timed on a
                   few examples and given per example
   (d)  SimExit    `lensbench.exits.measure_speedup` (the SimExit executor against the full
-                  model) at batch size 1 and the sweep's batch size; on CUDA also without CUDA
-                  graphs, and at batch size 1 the speedup attainable if exit decisions were free
-                  (prompt blocks to the exit layer + the measured two-token continuation)
+                  model) at `--exit-batch-sizes` (default: 1 and the sweep's batch size) on
+                  `--exit-examples` examples: with refill (freed slots go to waiting examples)
+                  and, above batch size 1, also without (each batch until its last exit); on
+                  CUDA also without CUDA graphs, and at batch size 1 the speedup attainable if
+                  exit decisions were free (prompt blocks to the exit layer + the measured
+                  two-token continuation). Refill needs more examples than the batch size
+                  (several times as many) to show.
 
 Prints examples/s, peak memory and the ratios; `--json PATH` writes them. CPU timings use
 perf_counter; CUDA timings use CUDA events after warm-up. Peak memory on CUDA is
@@ -56,6 +60,10 @@ TARGETS = {  # issue 3: sweep/plain <= 1.5, naive/sweep >= 20, memory <= 1.3x; i
     "naive_over_sweep": 20.0,
     "sweep_peak_over_plain": 1.2,
     "exit_wall_vs_layer_token_bs1": 0.10,
+    # issue 15, SimExit batched with refill at batch 8 and 64 on a GPU: wall-clock >= 0.8x the
+    # layer-token speedup on the 7B shape, >= 1.5x the full model on the qwen-0.5B shape
+    "exit_wall_over_layer_token_batched": 0.8,
+    "exit_wall_clock_batched_small": 1.5,
 }
 
 
@@ -225,6 +233,8 @@ def run(args) -> dict:
     batch_size = n_pool
     while True:
         batch = make_batches(encoded[:batch_size], batch_size)[0]
+        if args.exit_only and args.batch_size != "auto":
+            break
         try:
             evaluate_batch(model, lenses_abl, ctx, batch)
             break
@@ -247,6 +257,64 @@ def run(args) -> dict:
         return unembed(model, resid[torch.arange(len(batch), device=resid.device), (lengths - 1).to(resid.device)])
 
     figures: dict = {}
+    if not args.exit_only:
+        steps_a_to_c(args, model, ctx, batch, lenses, lenses_abl, lenses_eager, ctx_eager if lenses_eager else None,
+                     plain, plain_answer, points, device, memory, figures)
+
+    exit_rows = None
+    if args.exit_examples > 0:
+        exit_rows = simexit(model, info, encoded[: args.exit_examples], batch_size, pad_id, args, lenses, ctx)
+
+    def ratio(a, b, key="seconds"):
+        return figures[a][key] / figures[b][key] if a in figures and b in figures and figures[b].get(key) else None
+
+    per_ex = {k: 1 / v["examples_per_s"] for k, v in figures.items()}
+    ratios = {
+        "sweep_over_plain": ratio("sweep", "plain"),
+        "sweep_ablations_over_plain": ratio("sweep_ablations", "plain"),
+        "sweep_ablations_eager_over_plain": ratio("sweep_ablations_eager", "plain"),
+        "sweep_over_plain_answer": ratio("sweep", "plain_answer"),
+        "sweep_ablations_over_plain_answer": ratio("sweep_ablations", "plain_answer"),
+        "naive_over_sweep": per_ex["naive"] / per_ex["sweep"] if "naive" in per_ex else None,
+        "naive_ablations_over_sweep_ablations": per_ex["naive_ablations"] / per_ex["sweep_ablations"] if "naive_ablations" in per_ex else None,
+        "sweep_peak_over_plain": ratio("sweep", "plain", "peak"),
+        "sweep_ablations_peak_over_plain": ratio("sweep_ablations", "plain", "peak"),
+        "sweep_extra_over_plain": ratio("sweep", "plain", "extra"),
+        "sweep_ablations_extra_over_plain": ratio("sweep_ablations", "plain", "extra"),
+        "sweep_ablations_extra_over_plain_answer": ratio("sweep_ablations", "plain_answer", "extra"),
+    }
+    if exit_rows:
+        for row in exit_rows:
+            if row["batch_size"] > 1:
+                ratios[f"exit_wall_over_layer_token_bs{row['batch_size']}"] = row["wall_over_layer_token"]
+                if row.get("no_refill_exit_seconds"):
+                    ratios[f"exit_no_refill_over_refill_seconds_bs{row['batch_size']}"] = (
+                        row["no_refill_exit_seconds"] / row["exit_seconds"])
+        bs1 = next((r for r in exit_rows if r["batch_size"] == 1), None)
+        if bs1:
+            ratios["exit_wall_over_layer_token_bs1"] = bs1["wall_clock_speedup"] / bs1["layer_token_speedup"]
+            if bs1.get("attainable_wall_clock_speedup"):
+                ratios["exit_wall_over_attainable_bs1"] = bs1["wall_clock_speedup"] / bs1["attainable_wall_clock_speedup"]
+                ratios["exit_attainable_over_layer_token_bs1"] = bs1["attainable_wall_clock_speedup"] / bs1["layer_token_speedup"]
+    return {
+        "model": args.model, "task": args.task, "device": device,
+        "device_name": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+        "dtype": args.dtype, "batch_size": len(batch), "batch_size_option": str(args.batch_size),
+        "prompt_tokens": {"min": int(lengths.min()), "max": int(lengths.max()),
+                          "mean": float(lengths.float().mean())},
+        "n_layers": n_layers, "d_model": model.cfg.d_model, "weights_bytes": weights, "load_seconds": load_s,
+        "ablations": args.ablations, "threads": torch.get_num_threads(),
+        "figures": figures, "ratios": ratios, "simexit": exit_rows,
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+
+
+def steps_a_to_c(args, model, ctx, batch, lenses, lenses_abl, lenses_eager, ctx_eager, plain, plain_answer, points,
+                 device, memory, figures) -> None:
+    """(a) the plain forwards, (b) the sweeps, (c) the naive loop: into `figures`."""
+    from lensbench.evaluate import evaluate_batch
+
+    cuda = device.startswith("cuda")
     print(f"  measuring (a) plain forward ...", file=sys.stderr, flush=True)
     figures["plain"] = timed(plain, device, args.budget, memory=memory)
     figures["plain_answer"] = timed(plain_answer, device, args.budget, memory=memory)
@@ -287,47 +355,6 @@ def run(args) -> dict:
             seconds = statistics.mean(per_example)
             figures[key] = {"seconds_per_example": seconds, "examples_timed": len(per_example),
                             "examples_per_s": 1 / seconds, **mem}
-
-    exit_rows = None
-    if args.exit_examples > 0:
-        exit_rows = simexit(model, info, encoded[: args.exit_examples], batch_size, pad_id, args, lenses, ctx)
-
-    def ratio(a, b, key="seconds"):
-        return figures[a][key] / figures[b][key] if a in figures and b in figures and figures[b].get(key) else None
-
-    per_ex = {k: 1 / v["examples_per_s"] for k, v in figures.items()}
-    ratios = {
-        "sweep_over_plain": ratio("sweep", "plain"),
-        "sweep_ablations_over_plain": ratio("sweep_ablations", "plain"),
-        "sweep_ablations_eager_over_plain": ratio("sweep_ablations_eager", "plain"),
-        "sweep_over_plain_answer": ratio("sweep", "plain_answer"),
-        "sweep_ablations_over_plain_answer": ratio("sweep_ablations", "plain_answer"),
-        "naive_over_sweep": per_ex["naive"] / per_ex["sweep"] if "naive" in per_ex else None,
-        "naive_ablations_over_sweep_ablations": per_ex["naive_ablations"] / per_ex["sweep_ablations"] if "naive_ablations" in per_ex else None,
-        "sweep_peak_over_plain": ratio("sweep", "plain", "peak"),
-        "sweep_ablations_peak_over_plain": ratio("sweep_ablations", "plain", "peak"),
-        "sweep_extra_over_plain": ratio("sweep", "plain", "extra"),
-        "sweep_ablations_extra_over_plain": ratio("sweep_ablations", "plain", "extra"),
-        "sweep_ablations_extra_over_plain_answer": ratio("sweep_ablations", "plain_answer", "extra"),
-    }
-    if exit_rows:
-        bs1 = next((r for r in exit_rows if r["batch_size"] == 1), None)
-        if bs1:
-            ratios["exit_wall_over_layer_token_bs1"] = bs1["wall_clock_speedup"] / bs1["layer_token_speedup"]
-            if bs1.get("attainable_wall_clock_speedup"):
-                ratios["exit_wall_over_attainable_bs1"] = bs1["wall_clock_speedup"] / bs1["attainable_wall_clock_speedup"]
-                ratios["exit_attainable_over_layer_token_bs1"] = bs1["attainable_wall_clock_speedup"] / bs1["layer_token_speedup"]
-    return {
-        "model": args.model, "task": args.task, "device": device,
-        "device_name": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
-        "dtype": args.dtype, "batch_size": len(batch), "batch_size_option": str(args.batch_size),
-        "prompt_tokens": {"min": int(lengths.min()), "max": int(lengths.max()),
-                          "mean": float(lengths.float().mean())},
-        "n_layers": n_layers, "d_model": model.cfg.d_model, "weights_bytes": weights, "load_seconds": load_s,
-        "ablations": args.ablations, "threads": torch.get_num_threads(),
-        "figures": figures, "ratios": ratios, "simexit": exit_rows,
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
-    }
 
 
 def profile_step(fn, cuda: bool, label: str, rows: int = 14) -> None:
@@ -381,8 +408,9 @@ def simexit(model, info, encoded, batch_size, pad_id, args, lenses, ctx):
     middle = [e for e, layer in zip(cols["entropy"], cols["layer"]) if layer == n_layers // 2]
     tau = args.exit_threshold if args.exit_threshold is not None else float(statistics.median(middle))
     executor = exits.SimExitExecutor(model, lens, threshold=tau, policy="linear-simlens", min_layer=min_layer, pad_id=pad_id)
-    sizes = sorted({1, min(batch_size, len(encoded))})
-    rows = exits.measure_speedup(model, encoded, executor, batch_sizes=sizes, repeats=args.exit_repeats, warmup=1)
+    sizes = args.exit_batch_sizes or sorted({1, batch_size})
+    rows = exits.measure_speedup(model, encoded, executor, batch_sizes=sizes, repeats=args.exit_repeats, warmup=1,
+                                 no_refill=True)
     for row in rows:
         row.update(threshold=tau, min_layer=min_layer, linear=args.linear or "identity maps",
                    cuda_graphs=executor.cuda_graphs)
@@ -430,9 +458,16 @@ def report(res: dict) -> str:
             lines.append(
                 f"  batch {row['batch_size']:>3}: full {row['full_seconds']:.3f}s, exit {row['exit_seconds']:.3f}s, "
                 f"wall-clock speedup {row['wall_clock_speedup']:.2f}x, layer-token speedup {row['layer_token_speedup']:.2f}x, "
-                f"mean exit layer {row['mean_exit_layer']:.1f} (tau {row['threshold']:.3f}, from layer {row['min_layer']}, "
-                f"{row['linear']}, CUDA graphs {'on' if row.get('cuda_graphs') else 'off'})"
+                f"wall/layer-token {row['wall_over_layer_token']:.2f}, mean exit layer {row['mean_exit_layer']:.1f} "
+                f"(tau {row['threshold']:.3f}, from layer {row['min_layer']}, {row['linear']}, CUDA graphs "
+                f"{'on' if row.get('cuda_graphs') else 'off'}, {row['n_examples']} examples)"
             )
+            lines.append(f"           block calls {row['block_calls']} ({row['rows_per_call']:.1f} rows each; the full model "
+                         f"{row['full_block_calls']})" + (f", refill pool {row['pool']:g}x the batch" if row.get("refill") else ""))
+            if "no_refill_exit_seconds" in row:
+                lines.append(f"           without refill: exit {row['no_refill_exit_seconds']:.3f}s, wall-clock speedup "
+                             f"{row['no_refill_wall_clock_speedup']:.2f}x, block calls {row['no_refill_block_calls']} "
+                             f"({row['no_refill_rows_per_call']:.1f} rows each)")
             if "eager_wall_clock_speedup" in row:
                 lines.append(f"           without CUDA graphs: exit {row['eager_exit_seconds']:.3f}s, wall-clock speedup "
                              f"{row['eager_wall_clock_speedup']:.2f}x")
@@ -447,6 +482,13 @@ def report(res: dict) -> str:
     if "exit_wall_over_layer_token_bs1" in r:
         checks.append(("|SimExit wall/layer-token - 1| at bs 1", abs(r["exit_wall_over_layer_token_bs1"] - 1), "<=",
                        TARGETS["exit_wall_vs_layer_token_bs1"]))
+    for row in res.get("simexit") or []:  # issue 15 (GPU targets): the 7B shape's ratio, the qwen shape's speedup
+        if row["batch_size"] in (8, 64) and "7b" in res["model"]:
+            checks.append((f"SimExit wall/layer-token at bs {row['batch_size']}", row["wall_over_layer_token"], ">=",
+                           TARGETS["exit_wall_over_layer_token_batched"]))
+        elif row["batch_size"] in (8, 64) and "qwen2.5-0.5b" in res["model"]:
+            checks.append((f"SimExit wall-clock speedup at bs {row['batch_size']}", row["wall_clock_speedup"], ">=",
+                           TARGETS["exit_wall_clock_batched_small"]))
     lines.append("targets (issue 6; issue 3 allows 1.5 and 1.3x):")
     for label, value, op, bound in checks:
         if value is None:
@@ -468,6 +510,8 @@ def parse_args(argv=None):
     p.add_argument("--naive-examples", type=int, default=2, help="examples timed in the naive loop (0: skip)")
     p.add_argument("--exit-examples", type=int, default=8, help="examples timed for SimExit (0: skip)")
     p.add_argument("--exit-repeats", type=int, default=2)
+    p.add_argument("--exit-only", action="store_true", help="time only (d) SimExit (skip the forwards, sweeps and naive loop)")
+    p.add_argument("--exit-batch-sizes", help="SimExit batch sizes, comma-separated (default: 1 and the sweep's batch size)")
     p.add_argument("--exit-threshold", type=float, help="SimExit threshold (default: median entropy at the middle layer)")
     p.add_argument("--exit-min-layer", type=int)
     p.add_argument("--linear", help="a fitted Linear SimLens folder for SimExit (default: identity maps)")
@@ -484,6 +528,13 @@ def parse_args(argv=None):
         args.exit_repeats = 1
     if args.batch_size != "auto":
         args.batch_size = int(args.batch_size)
+    if args.exit_batch_sizes:
+        try:
+            args.exit_batch_sizes = sorted({int(x) for x in args.exit_batch_sizes.split(",")})
+        except ValueError:
+            p.error(f"--exit-batch-sizes takes whole numbers separated by commas (got '{args.exit_batch_sizes}')")
+        if args.exit_batch_sizes[0] < 1:
+            p.error("--exit-batch-sizes must be at least 1")
     return args
 
 

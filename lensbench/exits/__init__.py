@@ -15,8 +15,9 @@ are listed in `lensbench.exits.policies`.
 
 The answer at an exit before `L` comes from `answer_lens` (SimLens by default, also `logit`
 or `linear-simlens`). Offline, `simulate_exits` replays a policy from a stored run; online,
-`SimExitExecutor` runs the prompt block by block, drops exited examples from the batch, and
-continues their `[s]`/`[a]` pairs through the upper blocks; the two agree (a test checks it).
+`SimExitExecutor` runs the prompt block by block, drops exited examples from the batch (and
+gives their slots to waiting examples: batching with refill), and continues their `[s]`/`[a]`
+pairs through the upper blocks; the two agree (a test checks it).
 
 Calibration (`calibrate`) picks, on a calibration run only, the cheapest threshold that meets
 a target (`best-accuracy`; `max-drop`: accuracy at most `max_drop` below the full model;
@@ -34,7 +35,8 @@ from lensbench.exits.calibration import (
     format_speedup, headline_speedup, load_calibration, parse_threshold, per_layer_thresholds, run_map_cost,
 )
 from lensbench.exits.executor import (
-    MAX_GRAPHED_PAIRS, ExecutorResult, SimExitExecutor, executor_for, linear_simlens_folder, run_full_model,
+    DEFAULT_POOL, MAX_GRAPHED_PAIRS, ExecutorResult, ExecutorStats, SimExitExecutor, executor_for, linear_simlens_folder,
+    run_full_model,
 )
 from lensbench.exits.policies import (
     ANSWER_LENSES, NO_EXIT, POLICIES, Policy, executor_policies, get_policy, register_policy,
@@ -49,7 +51,8 @@ for _module in pkgutil.iter_modules(__path__):  # policy modules beyond the buil
     importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
-    "ANSWER_LENSES", "MAX_GRAPHED_PAIRS", "NO_EXIT", "POLICIES", "TARGETS", "ExecutorResult", "ExitData", "Policy",
+    "ANSWER_LENSES", "DEFAULT_POOL", "MAX_GRAPHED_PAIRS", "NO_EXIT", "POLICIES", "TARGETS", "ExecutorResult",
+    "ExecutorStats", "ExitData", "Policy",
     "SimExitExecutor", "attainable_speedup", "calibrate", "check_disjoint", "check_targets", "choose_threshold", "curve_of",
     "default_thresholds", "encoded_examples_of", "executor_for", "executor_policies", "executor_settings", "exit_costs",
     "exit_layers", "format_calibration", "format_speedup", "get_policy", "headline_speedup", "linear_simlens_folder",

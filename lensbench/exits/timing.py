@@ -33,9 +33,15 @@ def _timed(fn, device: str, repeats: int, warmup: int) -> tuple[float, object]:
 
 
 def measure_speedup(model, encoded, executor: SimExitExecutor, batch_sizes=(1, 8), repeats: int = 3,
-                    warmup: int = 1) -> list[dict]:
+                    warmup: int = 1, no_refill: bool = False) -> list[dict]:
     """Wall-clock speedup of the executor over the full model on the same examples and device,
-    per batch size, next to its layer-token speedup. One dict per batch size."""
+    per batch size, next to its layer-token speedup and their ratio. One dict per batch size.
+
+    The executor runs with refill (`SimExitExecutor.run`): block calls of at most the batch
+    size, freed slots given to waiting examples. Each row also gives the executor's prompt
+    block calls and rows per call against the full model's (`ceil(n / batch) x L` calls).
+    `no_refill`: at batch sizes above 1, also time the batching without refill (length-sorted
+    batches, each until its last example exits) as `no_refill_*`."""
     encoded = list(encoded)
     n_layers = model.cfg.n_layers
     map_cost = executor.linear_lens.config.map_cost if executor.linear_lens is not None else None
@@ -55,18 +61,32 @@ def measure_speedup(model, encoded, executor: SimExitExecutor, batch_sizes=(1, 8
         cost = exit_costs(data, np.array(result.exit_layer))
         full_cost = sum(layer_token_cost("full", lengths[i], n_layers, n_layers) for i in result.example_index)
         bound = attainable_speedup(model, executor, full_s, result.exit_layer, repeats) if batch_size == 1 else {}
-        out.append({
+        wall = full_s / exit_s if exit_s > 0 else float("nan")
+        layer_token = speedup_ratio(full_cost, cost.sum())
+        row = {
             "batch_size": int(batch_size),
             "n_examples": len(encoded),
             "full_seconds": full_s,
             "exit_seconds": exit_s,
-            "wall_clock_speedup": full_s / exit_s if exit_s > 0 else float("nan"),
-            "layer_token_speedup": speedup_ratio(full_cost, cost.sum()),
+            "wall_clock_speedup": wall,
+            "layer_token_speedup": layer_token,
+            "wall_over_layer_token": wall / layer_token if np.isfinite(layer_token) and layer_token > 0 else float("nan"),
             "mean_exit_layer": float(np.mean(result.exit_layer)),
+            "refill": batch_size > 1,
+            "pool": executor.pool,
+            "block_calls": result.stats.block_calls,
+            "rows_per_call": result.stats.rows_per_call(),
+            "full_block_calls": -(-len(encoded) // batch_size) * n_layers,
             "device": str(model.cfg.device),
             "device_name": torch.cuda.get_device_name() if str(model.cfg.device).startswith("cuda") else "cpu",
             **bound,
-        })
+        }
+        if no_refill and batch_size > 1:
+            plain_s, plain = _timed(lambda: executor.run(encoded, batch_size, refill=False), model.cfg.device, repeats, warmup)
+            row.update(no_refill_exit_seconds=plain_s,
+                       no_refill_wall_clock_speedup=full_s / plain_s if plain_s > 0 else float("nan"),
+                       no_refill_block_calls=plain.stats.block_calls, no_refill_rows_per_call=plain.stats.rows_per_call())
+        out.append(row)
     return out
 
 
@@ -117,11 +137,17 @@ def encoded_examples_of(run, tokenizer, limit: int | None = None):
 
 def speed_table(rows: list[dict]) -> str:
     lines = [f"{'batch':>5} {'full s':>9} {'exit s':>9} {'wall-clock x':>12} {'attainable x':>12} {'layer-token x':>13} "
-             f"{'mean exit':>9}"]
+             f"{'wall/lt':>7} {'mean exit':>9} {'calls':>11}"]
     for r in rows:
         bound = f"{r['attainable_wall_clock_speedup']:>12.2f}" if "attainable_wall_clock_speedup" in r else f"{'-':>12}"
+        calls = f"{r['block_calls']}/{r['full_block_calls']}" if "block_calls" in r else "-"
+        ratio = r.get("wall_over_layer_token", float("nan"))
         lines.append(f"{r['batch_size']:>5} {r['full_seconds']:>9.3f} {r['exit_seconds']:>9.3f} {r['wall_clock_speedup']:>12.2f} "
-                     f"{bound} {r['layer_token_speedup']:>13.2f} {r['mean_exit_layer']:>9.2f}")
+                     f"{bound} {r['layer_token_speedup']:>13.2f} {ratio:>7.2f} {r['mean_exit_layer']:>9.2f} {calls:>11}")
+        if "no_refill_exit_seconds" in r:
+            lines.append(f"{'':>5} {'':>9} {r['no_refill_exit_seconds']:>9.3f} {r['no_refill_wall_clock_speedup']:>12.2f} "
+                         f"without refill ({r['no_refill_block_calls']} block calls)")
     lines.append("attainable: the batch-1 speedup if exit decisions were free (prompt blocks to the exit layer + the "
-                 "measured two-token continuation)")
+                 "measured two-token continuation); wall/lt: wall-clock / layer-token speedup; calls: SimExit's "
+                 "prompt block calls / the full model's")
     return "\n".join(lines)
