@@ -110,9 +110,10 @@ def evaluate_batch(
 
 # A chunk of the readout makes at most this many float32 logits (rows x vocabulary).
 READOUT_VALUES = 3e7
-# Lenses are read out in one matmul when each has at least this many rows: a row's logits
-# then do not depend on the other rows of the matmul (BLAS computes a few-row product, like a
-# matrix-vector one, on another path; tests/unit/test_readout.py checks the equality).
+# Lenses are stacked into one matmul when each of their per-lens chunks had at least this many
+# rows: a row's logits then do not depend on the other rows of the matmul (BLAS computes a
+# product of a few rows, like a matrix-vector one, on another path: with MKL on 1-8 threads
+# rows agree from 12 rows up; tests/unit/test_readout.py checks the equality).
 FUSE_MIN_ROWS = 16
 
 
@@ -133,9 +134,10 @@ def read_out(model, outputs: list[LensOutput], cand_ids: Tensor, cand_mask: Tens
     reading its lens out alone.
 
     A shared output (`LensOutput.shared`: one row per point for the whole batch) is read out
-    alone, once: its logits are kept in `output.readout`, and when a lens hands back the same
-    `LensOutput` again (SimLens's memo of the start token's states, from batch to batch and
-    probe to probe) only the candidates and tracked tokens are gathered from them.
+    on its own, in the chunks of points the per-lens readout gave it, and its logits are kept
+    in `output.readout`: when a lens hands back the same `LensOutput` again (SimLens's memo of
+    the start token's states, from batch to batch and probe to probe) only the candidates and
+    tracked tokens are gathered from them.
     """
     n_lens = len(outputs)
     n_points = outputs[0].resid.shape[0]
@@ -171,29 +173,44 @@ def read_out(model, outputs: list[LensOutput], cand_ids: Tensor, cand_mask: Tens
     def n_rows() -> int:
         return sum(len(t) for t in parts.get("log_norm", []))
 
+    # The per-lens readout's chunks: as many points as fit `READOUT_VALUES` logits for the batch.
+    # A lens read out on its own (a shared output; a lens too small to stack) keeps them, so its
+    # values are those it always had at every batch size: BLAS may compute a chunk of a few rows
+    # (a shared output's last point alone is a matrix-vector product) on another path.
+    chunk_points = min(n_points, max(1, int(READOUT_VALUES // (b * model.cfg.d_vocab_out))))
     for i, output in enumerate(outputs):
         if not output.shared:
             continue
         memo = output.readout
-        if memo.get("key") != key:
-            logits = unembed(model, output.resid.reshape(n_points, -1))
+        if memo.get("key") != (*key, chunk_points):
+            chunks = []
+            for start in range(0, n_points, chunk_points):
+                logits = unembed(model, output.resid[start : start + chunk_points, 0])
+                chunks.append((logits, quantities(logits)))
             memo.clear()
-            memo.update(key=key, logits=logits, rows=quantities(logits))
+            memo.update(key=(*key, chunk_points), logits=torch.cat([c[0] for c in chunks]),
+                        rows={name: torch.cat([c[1][name] for c in chunks]) for name in chunks[0][1]})
         first_row[i] = n_rows()
         add({**memo["rows"], **tracked_of(memo["logits"], memo["rows"]["log_norm"])})
         cands[i] = memo["logits"][:, cand_ids.reshape(-1)].reshape(n_points * b, n_cand)
 
     own = [i for i, output in enumerate(outputs) if not output.shared]
-    fused = all(n_points * outputs[i].resid.shape[1] >= FUSE_MIN_ROWS for i in own)
+    # Stacked when every per-lens chunk had enough rows to be computed as any row of a bigger
+    # matmul; otherwise each lens on its own, in its per-lens chunks.
+    last_points = n_points - (n_points - 1) // chunk_points * chunk_points
+    fused = min(chunk_points, last_points) * b >= FUSE_MIN_ROWS
     examples = torch.arange(b, device=device)
     for group in ([own] if fused and own else [[i] for i in own]):
         stack = torch.cat([outputs[i].resid.reshape(-1, outputs[i].resid.shape[-1]) for i in group])
         row_cands = cand_ids[examples.repeat(n_points * len(group))]  # (rows, n_cand): each row's example's
         for k, i in enumerate(group):
             first_row[i] = n_rows() + k * n_points * b
-        most = max(1, int(READOUT_VALUES // model.cfg.d_vocab_out))
-        n_chunks = -(-len(stack) // most)
-        size = -(-len(stack) // n_chunks)  # balanced chunks: none of a few leftover rows
+        if fused:
+            most = max(1, int(READOUT_VALUES // model.cfg.d_vocab_out))
+            n_chunks = -(-len(stack) // most)
+            size = -(-len(stack) // n_chunks)  # balanced chunks: none of a few leftover rows
+        else:
+            size = chunk_points * b
         group_cands = []
         for start in range(0, len(stack), size):
             logits = unembed(model, stack[start : start + size])

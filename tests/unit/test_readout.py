@@ -1,6 +1,6 @@
 """`evaluate.read_out`: every lens read out through one stacked unembedding gives, bit for bit,
-what reading each lens out on its own gives, and a shared output handed back again is not
-read out again."""
+what reading each lens out on its own (the readout before lenses were stacked) gives, and a
+shared output handed back again is not read out again."""
 
 from __future__ import annotations
 
@@ -30,36 +30,50 @@ def _fresh(output: LensOutput) -> LensOutput:
     return LensOutput(output.resid, output.attention, output.shared)
 
 
-def _reference(model, output: LensOutput, cand_ids, cand_mask, topk, tracked) -> dict[str, torch.Tensor]:
-    """One lens read out the plain way: its (point, row, vocab) logits, expanded to the batch."""
+def _reference(model, output: LensOutput, cand_ids, cand_mask, topk, tracked, values=evaluate.READOUT_VALUES):
+    """One lens read out on its own, the way the readout worked per lens: its (point, row, vocab)
+    logits in chunks of the points that fit `values` logits for the batch, expanded to it."""
     b = cand_ids.shape[0]
-    logits = unembed(model, output.resid)
-    log_norm = torch.logsumexp(logits, -1, keepdim=True)
-    top, top_i = logits.topk(topk, dim=-1)
-    chosen = logits[..., tracked]
-    rank = (logits[..., None, :] > chosen[..., None]).sum(-1) + 1
-    logits, log_norm, top, top_i, chosen, rank = (t.expand(-1, b, -1) for t in (logits, log_norm, top, top_i, chosen, rank))
-    cand = logits.gather(2, cand_ids[None].expand(logits.shape[0], -1, -1)).masked_fill(~cand_mask[None], -torch.inf)
-    cand_lp = torch.log_softmax(cand, -1)
-    return {"decision": cand_lp.argmax(-1), "entropy": entropy(cand_lp), "cand_lp": cand_lp,
-            "top_p": (top - log_norm).exp(), "top_i": top_i, "tracked_lp": chosen - log_norm, "tracked_rank": rank}
+    chunk = max(1, int(values // (b * model.cfg.d_vocab_out)))
+    parts = []
+    for start in range(0, output.resid.shape[0], chunk):
+        logits = unembed(model, output.resid[start : start + chunk])
+        log_norm = torch.logsumexp(logits, -1, keepdim=True)
+        top, top_i = logits.topk(topk, dim=-1)
+        chosen = logits[..., tracked]
+        rank = (logits[..., None, :] > chosen[..., None]).sum(-1) + 1
+        logits, log_norm, top, top_i, chosen, rank = (t.expand(-1, b, -1) for t in (logits, log_norm, top, top_i, chosen, rank))
+        cand = logits.gather(2, cand_ids[None].expand(logits.shape[0], -1, -1)).masked_fill(~cand_mask[None], -torch.inf)
+        cand_lp = torch.log_softmax(cand, -1)
+        parts.append({"decision": cand_lp.argmax(-1), "entropy": entropy(cand_lp), "cand_lp": cand_lp,
+                      "top_p": (top - log_norm).exp(), "top_i": top_i, "tracked_lp": chosen - log_norm, "tracked_rank": rank})
+    return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("values", [evaluate.READOUT_VALUES, 25 * 49152])  # one chunk; chunks across lenses
-def test_stacked_readout_equals_each_lens_alone(tiny_rotary, monkeypatch, threads, values):
+# (rows of logits, examples): one chunk; stacked chunks that cut across lenses (per lens,
+# chunks of 3 + 2 points, and a shared output's chunks of 3 and 2 rows); a last per-lens chunk
+# too small to stack (1 point of 6 rows): each lens on its own
+@pytest.mark.parametrize("values,b,matmuls", [(evaluate.READOUT_VALUES, 6, 1 + 1), (24 * 49152, 8, 5 + 2),
+                                             (24 * 49152, 6, 3 * 2 + 2)])
+def test_stacked_readout_equals_each_lens_alone(tiny_rotary, monkeypatch, threads, values, b, matmuls):
     monkeypatch.setattr(evaluate, "READOUT_VALUES", values)
+    calls = []
+    real = evaluate.unembed
+    monkeypatch.setattr(evaluate, "unembed", lambda model, resid: calls.append(resid.shape) or real(model, resid))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        n_points, b = tiny_rotary.cfg.n_layers + 1, 6
+        n_points = tiny_rotary.cfg.n_layers + 1
         outputs = _outputs(tiny_rotary, n_points, b, seed=0)
-        cand_ids, cand_mask = pad_candidates([[5, 7], [11, 13, 17], [19, 23], [29, 31, 37, 41], [43, 47], [53, 59]])
+        cand_ids, cand_mask = pad_candidates([[5, 7], [11, 13, 17], [19, 23], [29, 31, 37, 41], [43, 47], [53, 59],
+                                              [61, 67], [71, 73, 79]][:b])
         tracked = torch.tensor([5, 1000])
         together = read_out(tiny_rotary, outputs, cand_ids, cand_mask, 3, "candidates", tracked)
+        assert len(calls) == matmuls  # stacked: one per chunk of rows, not one per lens and chunk
         for i, output in enumerate(outputs):
             alone = read_out(tiny_rotary, [_fresh(output)], cand_ids, cand_mask, 3, "candidates", tracked)
-            plain = _reference(tiny_rotary, output, cand_ids, cand_mask, 3, tracked)
+            plain = _reference(tiny_rotary, output, cand_ids, cand_mask, 3, tracked, values)
             for name in FIELDS:
                 assert torch.equal(together[name][i], alone[name][0]), (i, name)
                 assert torch.equal(together[name][i], plain[name]), (i, name)
