@@ -56,10 +56,8 @@ def fit_lenses(model: str, root: Path) -> list[str]:
 
 def lens_sets(available: list[str]) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
     """name -> (lenses, ablations): from the logit lens alone to the app's default (all of them)."""
-    sets = {"logit": (("logit",), ()), "logit+simlens": (("logit", "simlens"), ())}
-    sets["all lenses"] = (tuple(available), ())
-    sets["all lenses + drop-s, drop-a"] = (tuple(available), ABLATIONS)
-    return sets
+    return {"logit": (("logit",), ()), "logit+simlens": (("logit", "simlens"), ()),
+            "all": (tuple(available), ()), "all+ablations": (tuple(available), ABLATIONS)}
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -74,7 +72,8 @@ def main(argv=None) -> int:
     p.add_argument("--fit", action="store_true", help="fit a Linear SimLens and a tuned lens first (temporary)")
     p.add_argument("--repeats", type=int, default=15, help="warm probes timed per lens set")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--sets", help="comma-separated set names to time (default: all)")
+    p.add_argument("--sets", help="comma-separated sets to time: logit, logit+simlens, all, all+ablations "
+                                  "(the app's default; default: every set)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (the Prober's default: 1)")
     p.add_argument("--profile", action="store_true", help="also print a torch.profiler table of the last set")
     p.add_argument("--json", help="write the figures to this file")
@@ -108,12 +107,12 @@ def main(argv=None) -> int:
         n_tokens = len(prober.encode(PROMPT, CANDIDATES, 0)[1].tokens)
         print(f"{args.model}: {model.cfg.n_layers} layers, vocabulary {model.cfg.d_vocab_out}; prompt of {n_tokens} tokens; "
               f"{args.threads} thread(s); load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-        print(f"{'lens set':<34} {'median':>8} {'q1':>8} {'q3':>8}   ({args.repeats} warm probes)")
+        print(f"{'lens set':<16} {'median s':>8} {'q1':>8} {'q3':>8}   ({args.repeats} warm probes each)")
         figures = {}
         for name, values in times.items():
             q1, med, q3 = quartiles(values)
             lenses, ablations = sets[name]
-            print(f"{name:<34} {med:8.3f} {q1:8.3f} {q3:8.3f}   {','.join(lenses)}{' + ' + ','.join(ablations) if ablations else ''}")
+            print(f"{name:<16} {med:8.3f} {q1:8.3f} {q3:8.3f}   {','.join(lenses)}{' + ' + ','.join(ablations) if ablations else ''}")
             figures[name] = {"lenses": list(lenses), "ablations": list(ablations), "median_s": med, "q1_s": q1, "q3_s": q3,
                              "seconds": values}
         if args.profile:

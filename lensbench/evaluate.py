@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -247,7 +248,7 @@ def _batch_columns(tokenizer, lenses, points, batch, decision, ent, cand_lp, top
     row_of = np.tile(np.arange(b), n_lens * n_points)
     indices = [e.index for e in batch]
     gold = np.array([e.gold for e in batch])
-    cand_tokens = [[tokenizer.decode([c]) for c in e.candidate_ids] for e in batch]
+    cand_tokens = [[token_text(tokenizer, c) for c in e.candidate_ids] for e in batch]
     donors = []
     for lens in lenses:
         donors.extend(lens.donor_column(indices) * n_points)
@@ -278,12 +279,29 @@ def _batch_columns(tokenizer, lenses, points, batch, decision, ent, cand_lp, top
     }
 
 
+_TOKEN_TEXTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """`tokenizer.decode([token_id])`, remembered per tokenizer (a decode costs tens of
+    microseconds; a probe or a batch decodes hundreds of top-k tokens, most seen before)."""
+    try:
+        texts = _TOKEN_TEXTS.setdefault(tokenizer, {})
+    except TypeError:  # not weakly referenceable
+        return tokenizer.decode([token_id])
+    token_id = int(token_id)
+    text = texts.get(token_id)
+    if text is None:
+        text = texts[token_id] = tokenizer.decode([token_id])
+    return text
+
+
 def _decode_each(tokenizer, ids: list[list[int]]) -> list[list[str]]:
     """`[[decode([i]) for i in row] for row in ids]`, decoding each distinct id once."""
     if not ids or len({len(row) for row in ids}) != 1 or not ids[0]:  # empty or ragged
-        return [[tokenizer.decode([i]) for i in row] for row in ids]
+        return [[token_text(tokenizer, i) for i in row] for row in ids]
     unique, inverse = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1), return_inverse=True)
-    text = np.array([tokenizer.decode([int(i)]) for i in unique] + [None], dtype=object)[:-1]
+    text = np.array([token_text(tokenizer, i) for i in unique] + [None], dtype=object)[:-1]
     return text[inverse].reshape(len(ids), -1).tolist()
 
 
@@ -320,8 +338,8 @@ def examples_table(examples: list[Example], encoded: list[EncodedExample], token
         "choices": pa.array([e.choices for _, e, _ in rows], pa.list_(pa.string())),
         "gold": pa.array([e.gold for _, e, _ in rows], pa.int16()),
         "n_tokens": pa.array([len(enc.tokens) for _, _, enc in rows], pa.int32()),
-        "start_token": [tokenizer.decode([enc.tokens[0]]) for _, _, enc in rows],
-        "answer_token": [tokenizer.decode([enc.tokens[-1]]) for _, _, enc in rows],
+        "start_token": [token_text(tokenizer, enc.tokens[0]) for _, _, enc in rows],
+        "answer_token": [token_text(tokenizer, enc.tokens[-1]) for _, _, enc in rows],
         "metadata": [json.dumps(e.metadata, default=str) for _, e, _ in rows],
     })
 
