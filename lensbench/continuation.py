@@ -162,12 +162,16 @@ def _execute_plan(model, z, plan: ContinuationPlan, final_t, order_t, position_i
     if ordered_pos is not None:
         ensure_rotary_length(model, int(ordered_pos.max()) + 1)  # one sync, not one per block
     current: dict[str, Tensor] = {}
+    armed = [False]  # the pattern is kept from the running rows' block call only (not a mid start's)
 
     def pattern_hook(pattern, hook):
-        current["pattern"] = pattern[:, :, 1, 0].float()
+        if armed[0]:
+            current["pattern"] = pattern[:, :, 1, 0].float()
 
+    # The pattern hooks of every block at once: one hook context, not one per block.
+    hooks = [(f"blocks.{k}.attn.hook_pattern", pattern_hook) for k in range(n_layers)] if attention is not None else []
     active: Tensor | None = None
-    with torch.inference_mode():
+    with torch.inference_mode(), point_hooks(model, hooks):
         for k in range(n_layers):
             device = block_device(model, k)
             pre_start, running, mid_end = plan.bounds[k]
@@ -177,9 +181,10 @@ def _execute_plan(model, z, plan: ContinuationPlan, final_t, order_t, position_i
             if active is not None and running > 0:
                 active = active.to(device)
                 positions = None if ordered_pos is None else ordered_pos[:running]
-                hooks = [(f"blocks.{k}.attn.hook_pattern", pattern_hook)] if attention is not None else []
-                with rotary_positions(model, positions, range(k, k + 1), check=False), point_hooks(model, hooks):
+                armed[0] = True
+                with rotary_positions(model, positions, range(k, k + 1), check=False):
                     active = model.blocks[k](active)
+                armed[0] = False
                 if attention is not None:
                     attention[order_t[:running], k] = current.pop("pattern").to(z.device)
             if mid_end > running:

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import sys
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import torch
+from torch import Tensor
 
-from lensbench.lenses import Lens, LensBatch, RunContext
+from lensbench.lenses import Lens, LensBatch, LensOutput, RunContext
 from lensbench.readout import check_extra_positions, collect_slots, pad_candidates, pad_right, unembed
 from lensbench.readout import entropy as readout_entropy
 from lensbench.tasks import EncodedExample, Example
@@ -78,11 +80,7 @@ def evaluate_batch(
     final_decision = final_logits.gather(1, cand_ids).masked_fill(~cand_mask, -torch.inf).argmax(-1)
 
     attention_sum = attention_count = attention_lens = None
-    vocab = model.cfg.d_vocab_out
-    chunk = max(1, int(3e7 // (b * vocab)))  # bound the (point, batch, vocab) logits in memory
-    per_lens = []  # (decision, entropy, candidate logprobs, top-k probs, top-k ids), each (point, b, ...)
-    tracked = torch.tensor(list(track_ids), dtype=torch.long, device=out_device) if len(track_ids) else None
-    per_lens_tracked = []
+    outputs = []
     for lens in lenses:
         output = lens.final_residuals(lens_batch)
         if output.attention is not None:
@@ -93,45 +91,154 @@ def evaluate_batch(
             counts = valid[..., 0].sum(1).float()
             attention_sum = sums if attention_sum is None else attention_sum + sums
             attention_count = counts if attention_count is None else attention_count + counts
-        parts, tracked_parts = [], []
-        for start in range(0, len(points), chunk):
-            # (p, b, vocab) float32 logits; (p, 1, vocab) for a lens shared by the whole batch,
-            # read out once and broadcast (as views) to every example's candidates.
-            logits = unembed(model, output.resid[start : start + chunk])
-            # Two passes over the vocabulary (log-normaliser, top-k) instead of materialising
-            # the full log-softmax and its exponential: the readout is memory-bound.
-            log_norm = torch.logsumexp(logits, -1, keepdim=True)
-            top_logits, top_i = logits.topk(topk, dim=-1)
-            top_p = (top_logits - log_norm).exp()
-            vocab_entropy = readout_entropy(logits - log_norm) if entropy == "vocab" else None
-            if tracked is not None:
-                chosen = logits[..., tracked]  # (p, rows, k)
-                ranks = (logits[..., None, :] > chosen[..., None]).sum(-1) + 1
-                tracked_parts.append(((chosen - log_norm).expand(-1, b, -1), ranks.expand(-1, b, -1)))
-            if output.shared:
-                logits, top_p, top_i = (t.expand(-1, b, -1) for t in (logits, top_p, top_i))
-                vocab_entropy = None if vocab_entropy is None else vocab_entropy.expand(-1, b)
-            cand_logits = logits.gather(2, cand_ids[None].expand(logits.shape[0], -1, -1))
-            cand_logits = cand_logits.masked_fill(~cand_mask[None], -torch.inf)
-            cand_logprobs = torch.log_softmax(cand_logits, -1)
-            ent = readout_entropy(cand_logprobs) if entropy == "candidates" else vocab_entropy
-            del logits
-            parts.append((cand_logprobs.argmax(-1), ent, cand_logprobs, top_p, top_i))
-        per_lens.append([torch.cat(field) for field in zip(*parts)])
-        if tracked is not None:
-            per_lens_tracked.append([torch.cat(field) for field in zip(*tracked_parts)])
+        outputs.append(output)
+    tracked = torch.tensor(list(track_ids), dtype=torch.long, device=out_device) if len(track_ids) else None
+    read = read_out(model, outputs, cand_ids, cand_mask, topk, entropy, tracked)
     # The one transfer to the host: (lens, point, b, ...) arrays.
-    decision, ent, cand_lp, top_p, top_i = (torch.stack(f).cpu().numpy() for f in zip(*per_lens))
+    decision, ent, cand_lp, top_p, top_i = (read[name].cpu().numpy() for name in ("decision", "entropy", "cand_lp",
+                                                                                   "top_p", "top_i"))
     final_np = final_decision.cpu().numpy()
     if attention_sum is not None:
         attention_sum, attention_count = attention_sum.cpu(), attention_count.cpu()
     tracked_lp = tracked_rank = None
-    if per_lens_tracked:
-        tracked_lp, tracked_rank = (torch.stack(f).cpu().numpy() for f in zip(*per_lens_tracked))
+    if tracked is not None:
+        tracked_lp, tracked_rank = read["tracked_lp"].cpu().numpy(), read["tracked_rank"].cpu().numpy()
     return BatchResult(
         _batch_columns(model.tokenizer, lenses, points, batch, decision, ent, cand_lp, top_p, top_i, final_np),
         attention_sum, attention_count, attention_lens, tracked_lp, tracked_rank,
     )
+
+
+# A chunk of the readout makes at most this many float32 logits (rows x vocabulary).
+READOUT_VALUES = 3e7
+# Lenses are stacked into one matmul when each of their per-lens chunks had at least this many
+# rows: a row's logits then do not depend on the other rows of the matmul (BLAS computes a
+# product of a few rows, like a matrix-vector one, on another path: with MKL on 1-8 threads
+# rows agree from 12 rows up; tests/unit/test_readout.py checks the equality).
+FUSE_MIN_ROWS = 16
+
+
+def read_out(model, outputs: list[LensOutput], cand_ids: Tensor, cand_mask: Tensor, topk: int = 5,
+             entropy: str = "candidates", tracked: Tensor | None = None) -> dict[str, Tensor]:
+    """Every lens output through the shared readout `W_U · LN_final(·)`, in float32.
+
+    Returns `(lens, point, example, ...)` tensors: `decision`, `entropy`, `cand_lp` (candidate
+    log-probabilities, -inf past an example's candidates), `top_p`, `top_i` and, with
+    `tracked` token ids, `tracked_lp` (their vocabulary log-probabilities) and `tracked_rank`
+    (1 = top-1).
+
+    The rows of all lenses are stacked and read out together: one unembedding matmul,
+    log-normaliser and top-k per chunk of at most `READOUT_VALUES` logits for every lens, not
+    one per lens (so `W_U` is read once, not once per lens, and a GPU runs a few kernels
+    instead of a few per lens); the candidate softmax, entropies and decisions are then one
+    set of operations over all (lens, point, example) rows. A row's results are those of
+    reading its lens out alone.
+
+    A shared output (`LensOutput.shared`: one row per point for the whole batch) is read out
+    on its own, in the chunks of points the per-lens readout gave it, and its logits are kept
+    in `output.readout`: when a lens hands back the same `LensOutput` again (SimLens's memo of
+    the start token's states, from batch to batch and probe to probe) only the candidates and
+    tracked tokens are gathered from them.
+    """
+    n_lens = len(outputs)
+    n_points = outputs[0].resid.shape[0]
+    b, n_cand = cand_ids.shape
+    key = (topk, entropy)
+    device = cand_ids.device
+
+    def quantities(logits: Tensor) -> dict[str, Tensor]:
+        """What a row of logits gives whatever the batch: the log-normaliser, the top-k and the
+        vocabulary entropy (two passes over the vocabulary, log-normaliser and top-k, rather
+        than a materialised log-softmax: the readout is memory-bound)."""
+        log_norm = torch.logsumexp(logits, -1, keepdim=True)
+        top_logits, top_i = logits.topk(topk, dim=-1)
+        rows = {"log_norm": log_norm, "top_p": (top_logits - log_norm).exp(), "top_i": top_i}
+        if entropy == "vocab":
+            rows["vocab_entropy"] = readout_entropy(logits - log_norm)
+        return rows
+
+    def tracked_of(logits: Tensor, log_norm: Tensor) -> dict[str, Tensor]:
+        if tracked is None:
+            return {}
+        chosen = logits[:, tracked]  # (rows, tracked)
+        # a count per tracked token (int32 sums: 5x faster than int64 ones over a big bool tensor)
+        above = [(logits > chosen[:, k : k + 1]).sum(-1, dtype=torch.int32) for k in range(chosen.shape[1])]
+        return {"tracked_lp": chosen - log_norm, "tracked_rank": torch.stack(above, -1).long() + 1}
+
+    parts: dict[str, list[Tensor]] = {}  # per source row (a shared output: one per point)
+    first_row = [0] * n_lens
+    cands: list[Tensor | None] = [None] * n_lens  # per output row: (point * b, n_cand) candidate logits
+
+    def add(rows: dict[str, Tensor]) -> None:
+        for name, value in rows.items():
+            parts.setdefault(name, []).append(value)
+
+    def n_rows() -> int:
+        return sum(len(t) for t in parts.get("log_norm", []))
+
+    # The per-lens readout's chunks: as many points as fit `READOUT_VALUES` logits for the batch.
+    # A lens read out on its own (a shared output; a lens too small to stack) keeps them, so its
+    # values are those it always had at every batch size: BLAS may compute a chunk of a few rows
+    # (a shared output's last point alone is a matrix-vector product) on another path.
+    chunk_points = min(n_points, max(1, int(READOUT_VALUES // (b * model.cfg.d_vocab_out))))
+    for i, output in enumerate(outputs):
+        if not output.shared:
+            continue
+        memo = output.readout
+        if memo.get("key") != (*key, chunk_points):
+            chunks = []
+            for start in range(0, n_points, chunk_points):
+                logits = unembed(model, output.resid[start : start + chunk_points, 0])
+                chunks.append((logits, quantities(logits)))
+            memo.clear()
+            memo.update(key=(*key, chunk_points), logits=torch.cat([c[0] for c in chunks]),
+                        rows={name: torch.cat([c[1][name] for c in chunks]) for name in chunks[0][1]})
+        first_row[i] = n_rows()
+        add({**memo["rows"], **tracked_of(memo["logits"], memo["rows"]["log_norm"])})
+        cands[i] = memo["logits"][:, cand_ids.reshape(-1)].reshape(n_points * b, n_cand)
+
+    own = [i for i, output in enumerate(outputs) if not output.shared]
+    # Stacked when every per-lens chunk had enough rows to be computed as any row of a bigger
+    # matmul; otherwise each lens on its own, in its per-lens chunks.
+    last_points = n_points - (n_points - 1) // chunk_points * chunk_points
+    fused = min(chunk_points, last_points) * b >= FUSE_MIN_ROWS
+    examples = torch.arange(b, device=device)
+    for group in ([own] if fused and own else [[i] for i in own]):
+        stack = torch.cat([outputs[i].resid.reshape(-1, outputs[i].resid.shape[-1]) for i in group])
+        row_cands = cand_ids[examples.repeat(n_points * len(group))]  # (rows, n_cand): each row's example's
+        for k, i in enumerate(group):
+            first_row[i] = n_rows() + k * n_points * b
+        if fused:
+            most = max(1, int(READOUT_VALUES // model.cfg.d_vocab_out))
+            n_chunks = -(-len(stack) // most)
+            size = -(-len(stack) // n_chunks)  # balanced chunks: none of a few leftover rows
+        else:
+            size = chunk_points * b
+        group_cands = []
+        for start in range(0, len(stack), size):
+            logits = unembed(model, stack[start : start + size])
+            rows = quantities(logits)
+            add({**rows, **tracked_of(logits, rows["log_norm"])})
+            group_cands.append(logits.gather(1, row_cands[start : start + size]))
+            del logits
+        for i, values in zip(group, torch.cat(group_cands).split(n_points * b)):
+            cands[i] = values
+    rows = {name: torch.cat(values) for name, values in parts.items()}
+
+    # The source row of each (lens, point, example): a shared output has one per point.
+    points = torch.arange(n_points, device=device)[:, None]
+    source = torch.cat([(first_row[i] + (points + 0 * examples if o.shared else points * b + examples)).reshape(-1)
+                        for i, o in enumerate(outputs)])
+    example = examples.repeat(n_lens * n_points)
+    cand_lp = torch.log_softmax(torch.cat(cands).masked_fill(~cand_mask[example], -torch.inf), -1)
+    ent = readout_entropy(cand_lp) if entropy == "candidates" else rows["vocab_entropy"][source]
+    shape = (n_lens, n_points, b)
+    out = {"decision": cand_lp.argmax(-1).view(shape), "entropy": ent.view(shape), "cand_lp": cand_lp.view(*shape, -1),
+           "top_p": rows["top_p"][source].view(*shape, -1), "top_i": rows["top_i"][source].view(*shape, -1)}
+    if tracked is not None:
+        out["tracked_lp"] = rows["tracked_lp"][source].view(*shape, -1)
+        out["tracked_rank"] = rows["tracked_rank"][source].view(*shape, -1)
+    return out
 
 
 def _batch_columns(tokenizer, lenses, points, batch, decision, ent, cand_lp, top_p, top_i, final_decision) -> dict[str, list]:
@@ -141,7 +248,7 @@ def _batch_columns(tokenizer, lenses, points, batch, decision, ent, cand_lp, top
     row_of = np.tile(np.arange(b), n_lens * n_points)
     indices = [e.index for e in batch]
     gold = np.array([e.gold for e in batch])
-    cand_tokens = [[tokenizer.decode([c]) for c in e.candidate_ids] for e in batch]
+    cand_tokens = [[token_text(tokenizer, c) for c in e.candidate_ids] for e in batch]
     donors = []
     for lens in lenses:
         donors.extend(lens.donor_column(indices) * n_points)
@@ -172,12 +279,29 @@ def _batch_columns(tokenizer, lenses, points, batch, decision, ent, cand_lp, top
     }
 
 
+_TOKEN_TEXTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """`tokenizer.decode([token_id])`, remembered per tokenizer (a decode costs tens of
+    microseconds; a probe or a batch decodes hundreds of top-k tokens, most seen before)."""
+    try:
+        texts = _TOKEN_TEXTS.setdefault(tokenizer, {})
+    except TypeError:  # not weakly referenceable
+        return tokenizer.decode([token_id])
+    token_id = int(token_id)
+    text = texts.get(token_id)
+    if text is None:
+        text = texts[token_id] = tokenizer.decode([token_id])
+    return text
+
+
 def _decode_each(tokenizer, ids: list[list[int]]) -> list[list[str]]:
     """`[[decode([i]) for i in row] for row in ids]`, decoding each distinct id once."""
     if not ids or len({len(row) for row in ids}) != 1 or not ids[0]:  # empty or ragged
-        return [[tokenizer.decode([i]) for i in row] for row in ids]
+        return [[token_text(tokenizer, i) for i in row] for row in ids]
     unique, inverse = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1), return_inverse=True)
-    text = np.array([tokenizer.decode([int(i)]) for i in unique] + [None], dtype=object)[:-1]
+    text = np.array([token_text(tokenizer, i) for i in unique] + [None], dtype=object)[:-1]
     return text[inverse].reshape(len(ids), -1).tolist()
 
 
@@ -214,8 +338,8 @@ def examples_table(examples: list[Example], encoded: list[EncodedExample], token
         "choices": pa.array([e.choices for _, e, _ in rows], pa.list_(pa.string())),
         "gold": pa.array([e.gold for _, e, _ in rows], pa.int16()),
         "n_tokens": pa.array([len(enc.tokens) for _, _, enc in rows], pa.int32()),
-        "start_token": [tokenizer.decode([enc.tokens[0]]) for _, _, enc in rows],
-        "answer_token": [tokenizer.decode([enc.tokens[-1]]) for _, _, enc in rows],
+        "start_token": [token_text(tokenizer, enc.tokens[0]) for _, _, enc in rows],
+        "answer_token": [token_text(tokenizer, enc.tokens[-1]) for _, _, enc in rows],
         "metadata": [json.dumps(e.metadata, default=str) for _, e, _ in rows],
     })
 

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from lensbench.errors import LensbenchError
-from lensbench.evaluate import evaluate_batch, examples_table, predictions_table
+from lensbench.evaluate import evaluate_batch, examples_table, predictions_table, token_text
 from lensbench.lenses import Lens, RunContext, SimLens, build_lenses
 from lensbench.readout import readout_points
 from lensbench.tasks import EncodedExample, Example, pad_token_id, start_token_id
@@ -160,7 +160,7 @@ class Prober:
                                          "prob": np.exp(result.tracked_logprobs[i, :, 0, k]).tolist(),
                                          "rank": result.tracked_ranks[i, :, 0, k].tolist()}
                              for i, lens in enumerate(built)}
-        texts = [tokenizer.decode([t]) for t in encoded.tokens]
+        texts = [token_text(tokenizer, t) for t in encoded.tokens]
         return ProbeResult(predictions, example_row, list(encoded.tokens), texts, attention, tracked,
                            time.perf_counter() - start)
 

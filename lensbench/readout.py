@@ -247,4 +247,8 @@ def point_hooks(model, fwd_hooks: list[tuple[str, object]]):
 
 
 def block_device(model, k: int):
-    return next(model.blocks[k].parameters()).device
+    """The device of block `k`'s weights (its attention's query weights, else its first parameter:
+    `parameters()` walks the block's modules, tens of microseconds a call)."""
+    block = model.blocks[k]
+    weight = getattr(block.attn, "W_Q", None) if hasattr(block, "attn") else None
+    return weight.device if isinstance(weight, torch.Tensor) else next(block.parameters()).device

@@ -51,6 +51,10 @@ class LensOutput:
     # the start token's state is a per-layer constant): `resid` then has one row per point,
     # shape (point, 1, d_model), computed and read out once and shared by the batch.
     shared: bool = False
+    # The runner's readout of a shared output (its logits, log-normaliser, top-k), kept with it:
+    # a lens that hands back this same object for a later batch (a memoized input) is not read
+    # out again (`evaluate.read_out`).
+    readout: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass

@@ -50,7 +50,7 @@ class SimLens(Lens):
         self._means = None
         self._donor: dict[int, int] = {}
         self._ctx: RunContext | None = None
-        self._shared_memo: tuple | None = None  # (z, points, resid, attention) of the last shared input
+        self._shared_memo: tuple | None = None  # (z, points, LensOutput) of the last shared input
 
     def extra_positions(self) -> tuple[int, ...]:
         return tuple(src.arg for _, src in self.ablation.slots if src.kind == "position")
@@ -154,11 +154,12 @@ class SimLens(Lens):
             z = z[:, :1]
             position_ids = None if position_ids is None else position_ids[:, :1]
             # The same input as the previous batch's (the start token's states): the same output,
-            # computed once (a pure function of `z`, compared exactly).
+            # computed once (a pure function of `z`, compared exactly). The very same
+            # `LensOutput` is handed back, so its readout is kept too (`evaluate.read_out`).
             memo = self._shared_memo
             if (memo is not None and memo[0].shape == z.shape and memo[0].device == z.device
                     and torch.equal(memo[0], z) and memo[1] == batch.slots.points):
-                return LensOutput(memo[2], memo[3], shared)
+                return memo[2]
         n_points, b, n_slots, d_model = z.shape
         starts = [p for p in batch.slots.points for _ in range(b)]
         flat_pos = None if position_ids is None else position_ids.reshape(n_points * b, n_slots)
@@ -168,9 +169,10 @@ class SimLens(Lens):
         )
         attention = None if attention is None else attention.reshape(n_points, b, *attention.shape[1:])
         resid = resid.reshape(n_points, b, d_model)
+        output = LensOutput(resid, attention, shared)
         if shared:
-            self._shared_memo = (z.clone(), list(batch.slots.points), resid, attention)
-        return LensOutput(resid, attention, shared)
+            self._shared_memo = (z.clone(), list(batch.slots.points), output)
+        return output
 
     def logits_hooked(self, batch: LensBatch, point_index: int) -> Float[Tensor, "primary d_vocab"]:
         """The reference formulation at one readout point, for the same batch."""

@@ -52,6 +52,55 @@ def test_probe_rows_equal_a_stored_run(small_run, prober):
         assert list(row["choices"]) == list(example["choices"])
 
 
+@pytest.fixture(scope="module")
+def exact_run(tmp_path_factory, embedded):
+    """A run of 3 examples one per batch on one thread (the probe's thread count) with every
+    lens the probe offers: a Linear SimLens and a tuned lens (closed-form fits on 8 examples),
+    SimLens with [s] and [a] dropped; and the fitted folders."""
+    from lensbench.commands import main
+    from lensbench.runner import EvalConfig, run_eval
+
+    model, info = embedded
+    root = tmp_path_factory.mktemp("exact")
+    folders = []
+    for target in ("simlens", "final"):
+        folder = root / target
+        assert main(["fit-linear", "--model", "smollm2-135m", "--task", "capitals", "--limit", "8", "--objective", "lstsq",
+                     "--target", target, "--out", str(folder), "--threads", "1", "--quiet"]) == 0
+        folders.append(str(folder))
+    cfg = EvalConfig(out=str(root / "run"), model="smollm2-135m", task="capitals", limit=3, batch_size=1, threads=1,
+                     lenses="logit,simlens,linear-simlens,tuned", ablations="drop-s,drop-a", linear=folders)
+    return run_eval(cfg, model=model, model_info=info, progress=False), folders
+
+
+def _plain(values: list) -> list:
+    return [list(v) if hasattr(v, "__len__") and not isinstance(v, str) else v for v in values]
+
+
+def test_probe_rows_are_a_stored_run_of_one_example_per_batch_exactly(exact_run, embedded):
+    """What the runner computes for a batch of one, the probe computes for its prompt: every
+    lens, every column, bit for bit (floats included, whatever the pinned tokens)."""
+    path, folders = exact_run
+    model, _ = embedded
+    run = open_run(path)
+    stored = run.predictions()
+    prober = Prober(model, "smollm2-135m", linear_dirs=folders)
+    assert prober.available() == ["logit", "simlens", "linear-simlens", "tuned"]
+    assert set(stored["lens"]) == {"logit", "simlens", "linear-simlens", "tuned", "simlens[drop-s]", "simlens[drop-a]"}
+    for _, example in run.examples().iterrows():
+        result = prober.probe(example["prompt"], list(example["choices"]), int(example["gold"]), prober.available(),
+                              ["drop-s", "drop-a"], pinned=[" Paris"], example_id=example["example_id"],
+                              index=int(example["example_index"]))
+        ours = stored[stored["example_index"] == example["example_index"]].reset_index(drop=True)
+        probed = result.predictions
+        assert list(probed.columns) == list(ours.columns)
+        assert len(probed) == len(ours) == 6 * 31
+        for column in ours.columns:
+            assert _plain(probed[column].tolist()) == _plain(ours[column].tolist()), column
+        for column in ("example_id", "prompt", "gold", "n_tokens", "start_token", "answer_token"):
+            assert result.example[column] == example[column], column
+
+
 def test_probes_leave_nothing_behind(prober):
     """A probe after another equals the same probe on its own (a data-set-mean ablation would
     carry the previous prompt if the context were kept)."""
