@@ -7,8 +7,9 @@
 #   bash benchmarks/gpu_suite.sh --quick    # CPU, tiny sizes: checks the suite itself
 #
 # Each model step runs benchmarks/throughput.py (plain forward, lens sweep, naive loop,
-# SimExit) and prints device, dtype, batch size, examples/s, peak memory and the ratios; a
-# last step times a real `lensbench eval --batch-size auto` run end to end. With $OUT set,
+# SimExit) and prints device, dtype, batch size, examples/s, peak memory and the ratios; two
+# steps time SimExit batched with refill at batch sizes 8 and 64 on 256 examples (7B and
+# qwen-0.5B shapes); a last step times a real `lensbench eval --batch-size auto` run end to end. With $OUT set,
 # everything lands in $OUT/bench.json (and per-step logs in $OUT/suite/).
 #
 # Environment: PYTHON (default python; a venv whose torch has CUDA, never reinstalled here),
@@ -99,6 +100,24 @@ for entry in "${MODELS[@]}"; do
       --json "$LOGS/$name.json"
 done
 
+# SimExit batched with refill (issue 15): enough examples for freed places to be refilled, at
+# batch sizes 8 and 64, against the same executor without refill (step (d) alone).
+if [ $QUICK -eq 1 ]; then
+  EXIT_MODELS=("exit-batched-big|$BIG|bfloat16")
+  EXIT_ARGS=(--exit-only --device "$DEVICE" --batch-size 2 --exit-examples 8 --exit-batch-sizes 2 --exit-repeats 1)
+  LIMIT_EXIT=150
+else
+  EXIT_MODELS=("exit-batched-llama2-7b-shape-bf16|$BIG|bfloat16"
+               "exit-batched-qwen2.5-0.5b-shape-bf16|random:qwen2.5-0.5b-shape|bfloat16")
+  EXIT_ARGS=(--exit-only --device "$DEVICE" --batch-size 64 --exit-examples 256 --exit-batch-sizes 8,64 --exit-repeats 2)
+  LIMIT_EXIT=120
+fi
+for entry in "${EXIT_MODELS[@]}"; do
+  IFS='|' read -r name spec dtype <<< "$entry"
+  step "$name" "$LIMIT_EXIT" "$PY" benchmarks/throughput.py --model "$spec" --dtype "$dtype" "${EXIT_ARGS[@]}" \
+      --json "$LOGS/$name.json"
+done
+
 # End to end: a real stored run with automatic batch sizing (OOM backoff) and the full sweep.
 EVAL_ARGS=(--model smollm2-135m --task arc-easy --lenses logit,simlens --ablations drop-s,drop-a
            --device "$DEVICE" --batch-size auto --quiet --overwrite --out "$LOGS/eval-run")
@@ -131,6 +150,13 @@ for name, res in out["results"].items():
         continue
     f = res["figures"]
     ex = res.get("simexit") or []
+    if "plain" not in f:  # --exit-only: SimExit rows alone
+        for e in ex:
+            print(f"{name}: SimExit batch {e['batch_size']} on {e['n_examples']} examples: wall {e['wall_clock_speedup']:.2f}x "
+                  f"(without refill {e.get('no_refill_wall_clock_speedup', float('nan')):.2f}x), layer-token "
+                  f"{e['layer_token_speedup']:.2f}x, wall/layer-token {e['wall_over_layer_token']:.2f}, block calls "
+                  f"{e['block_calls']} (without refill {e.get('no_refill_block_calls', '-')}, full model {e['full_block_calls']})")
+        continue
     bs1 = next((e for e in ex if e["batch_size"] == 1), None)
     print(f"{name}: {res['device_name']} {res['dtype']} batch {res['batch_size']}: "
           f"plain {f['plain']['examples_per_s']:.1f} ex/s, sweep+abl {f['sweep_ablations']['examples_per_s']:.1f} ex/s; "
