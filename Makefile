@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup browser demo test test-fast app figures bench clean-runs
+.PHONY: setup browser demo test test-fast app figures bench bench-probe clean-runs
 
 setup:
 	@bash scripts/setup.sh
@@ -44,3 +44,9 @@ figures: setup browser
 BENCH_ARGS ?=
 bench: setup
 	$(PY) benchmarks/throughput.py $(BENCH_ARGS)
+
+# The live probe's warm latency per lens set (benchmarks/probe_latency.py; fits a Linear
+# SimLens and a tuned lens first unless PROBE_ARGS="--linear DIR DIR").
+PROBE_ARGS ?= --fit
+bench-probe: setup
+	$(PY) benchmarks/probe_latency.py $(PROBE_ARGS)
