@@ -152,10 +152,11 @@ for name, res in out["results"].items():
     ex = res.get("simexit") or []
     if "plain" not in f:  # --exit-only: SimExit rows alone
         for e in ex:
-            print(f"{name}: SimExit batch {e['batch_size']} on {e['n_examples']} examples: wall {e['wall_clock_speedup']:.2f}x "
-                  f"(without refill {e.get('no_refill_wall_clock_speedup', float('nan')):.2f}x), layer-token "
-                  f"{e['layer_token_speedup']:.2f}x, wall/layer-token {e['wall_over_layer_token']:.2f}, block calls "
-                  f"{e['block_calls']} (without refill {e.get('no_refill_block_calls', '-')}, full model {e['full_block_calls']})")
+            plain = (f" (without refill {e['no_refill_wall_clock_speedup']:.2f}x, {e['no_refill_block_calls']} block calls)"
+                     if "no_refill_exit_seconds" in e else "")
+            print(f"{name}: SimExit batch {e['batch_size']} on {e['n_examples']} examples: wall {e['wall_clock_speedup']:.2f}x, "
+                  f"layer-token {e['layer_token_speedup']:.2f}x, wall/layer-token {e['wall_over_layer_token']:.2f}, "
+                  f"block calls {e['block_calls']} (full model {e['full_block_calls']})" + plain)
         continue
     bs1 = next((e for e in ex if e["batch_size"] == 1), None)
     print(f"{name}: {res['device_name']} {res['dtype']} batch {res['batch_size']}: "
