@@ -49,7 +49,7 @@ def fit_lenses(model: str, root: Path) -> list[str]:
         folder = root / target
         subprocess.run([sys.executable, "-m", "lensbench", "fit-linear", "--model", model, "--task", "capitals",
                         "--limit", "24", "--objective", "lstsq", "--target", target, "--out", str(folder),
-                        "--threads", "1", "--quiet"], check=True, capture_output=True)
+                        "--threads", "1", "--quiet"], check=True, capture_output=True, cwd=Path(__file__).resolve().parents[1])
         out.append(str(folder))
     return out
 

@@ -142,8 +142,10 @@ def collect_slots(
                 extra_out[p][i] = extras[p]
 
     hooks = [(name, partial(gather_hook, indices=idx)) for name, idx in by_name.items()]
-    with torch.inference_mode():
-        model.run_with_hooks(tokens, fwd_hooks=hooks, stop_at_layer=model.cfg.n_layers)
+    # `point_hooks`, not `run_with_hooks`: the same hooks, without resetting every hook point
+    # of the model afterwards (about 10 ms of Python for the embedded model).
+    with torch.inference_mode(), point_hooks(model, hooks):
+        model(tokens, stop_at_layer=model.cfg.n_layers)
     device = s_out[0].device
     return SlotResiduals(
         points,
