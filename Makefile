@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup browser demo test test-fast app figures bench bench-probe clean-runs
+.PHONY: setup browser demo test test-fast app figures figures-runs bench bench-probe clean-runs
 
 setup:
 	@bash scripts/setup.sh
@@ -29,13 +29,20 @@ app: setup
 clean-runs:
 	rm -rf runs/demo
 
-# Every figure and table (analyses/README.md): makes the runs it needs when they are missing
-# (smollm2-135m on ARC-Easy, ARC-Challenge, BoolQ, MedMCQA by default), reuses those that exist.
-# Options through FIGURES_ARGS, e.g.
-#   make figures FIGURES_ARGS="--models qwen2.5-coder-0.5b --limit 500 --device cuda"
+# Every figure and table of docs/results.md, redrawn from the runs stored under results/
+# (analyses/results_figures.py; no model is run). Options through FIGURES_ARGS, e.g.
+#   make figures FIGURES_ARGS="--only sizes,icl --bootstrap 200"
 FIGURES_ARGS ?=
 figures: setup browser
-	$(PY) -m analyses.make_all $(FIGURES_ARGS)
+	$(PY) -m analyses.results_figures $(FIGURES_ARGS)
+
+# New runs and their figures (analyses/README.md): makes the runs it needs when they are missing
+# (smollm2-135m on ARC-Easy, ARC-Challenge, BoolQ, MedMCQA by default), reuses those that exist,
+# draws them into figures/. Options through RUNS_ARGS, e.g.
+#   make figures-runs RUNS_ARGS="--models qwen2.5-coder-0.5b --limit 500 --device cuda"
+RUNS_ARGS ?=
+figures-runs: setup browser
+	$(PY) -m analyses.make_all $(RUNS_ARGS)
 
 # Throughput and peak memory: plain forward vs lens sweep vs naive loop vs SimExit
 # (benchmarks/throughput.py; prints figures, asserts nothing). Options through BENCH_ARGS, e.g.

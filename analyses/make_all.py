@@ -1,4 +1,4 @@
-"""Regenerate every figure and table from scratch: `make figures` runs this.
+"""Regenerate every figure and table from scratch, making the runs: `make figures-runs` runs this.
 
 For each configured (model, task) it makes what is missing, and reuses what exists:
 
