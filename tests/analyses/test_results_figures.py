@@ -71,3 +71,27 @@ def test_the_results_page_cites_only_drawn_figures():
     assert cited
     missing = [c for c in cited if not (ROOT / "docs" / c).is_file()]
     assert not missing, missing
+
+
+def test_compact_png_keeps_the_picture_in_fewer_bytes(tmp_path):
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (640, 360), "white")
+    draw = ImageDraw.Draw(image)
+    for x in range(40, 600):  # a shaded band and two lines, as in a per-layer figure
+        draw.line([(x, 150 + (x % 50)), (x, 220 + (x % 30))], fill=(200, 220, 240))
+    draw.line([(40, 300), (600, 60)], fill=(31, 119, 180), width=3)
+    draw.line([(40, 250), (600, 200)], fill=(127, 127, 127), width=2)
+    draw.text((50, 20), "Per-layer accuracy", fill=(42, 63, 95))
+    path = tmp_path / "figure.png"
+    image.save(path)
+    before = np.asarray(Image.open(path).convert("RGB"), dtype=float)
+    size = path.stat().st_size
+    saved = results_figures.compact_png(path)
+    with Image.open(path) as after_image:
+        assert after_image.mode == "P"
+        after = np.asarray(after_image.convert("RGB"), dtype=float)
+    assert saved > 0 and path.stat().st_size == size - saved
+    assert after.shape == before.shape
+    assert np.abs(after - before).mean() < 1.0 and np.abs(after - before).max() <= 48
