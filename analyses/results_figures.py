@@ -66,19 +66,15 @@ JOBS: tuple[Job, ...] = (
 )
 
 
-def resolve(patterns: tuple[str, ...], root: Path = ROOT, optional: tuple[str, ...] = ()) -> list[str]:
+def resolve(patterns: tuple[str, ...], root: Path = ROOT) -> list[str]:
     """The folders the globs match (sorted, relative to `root`); every glob must match one."""
     found: list[str] = []
     for pattern in patterns:
         hits = sorted(str(Path(p).relative_to(root)) for p in glob.glob(str(root / pattern)) if Path(p).is_dir())
-        if not hits and pattern not in optional:
+        if not hits:
             raise SystemExit(f"results_figures: no stored run matches {pattern} (under {root})")
         found += [h for h in hits if h not in found]
     return found
-
-
-# Globs for runs that a later session may add (missing ones are skipped, not an error).
-OPTIONAL: tuple[str, ...] = ()
 
 
 def calls(args) -> list[tuple[str, list[str]]]:
@@ -92,7 +88,7 @@ def calls(args) -> list[tuple[str, list[str]]]:
     for job in JOBS:
         if wanted is not None and job.name not in wanted:
             continue
-        runs = resolve(job.runs, args.root, OPTIONAL)
+        runs = resolve(job.runs, args.root)
         folder = str(Path(args.out) / job.out) if job.out else str(args.out)
         for script in job.scripts:
             argv = [str(args.root / r) for r in runs] + ["--out", folder, "--formats", args.formats]
