@@ -245,6 +245,19 @@ def figure_runs(args) -> tuple[list[Run], dict[Path, str], dict[Path, Run | None
     return runs, run_slugs(runs), {r.path: calib[r.path] for r in runs}
 
 
+def table_rows(args, row_of, key) -> tuple[list[dict], Path]:
+    """The table scripts' common start: one row per test run (`row_of(run, report)`, the report
+    with the script's intervals), sorted by `key`, and the output folder (created). With no
+    complete run the rows are empty, after a note."""
+    runs, _, calib = figure_runs(args)
+    rows = sorted((row_of(run, report_for(run, calib[run.path], args)) for run in runs), key=key)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not rows:
+        note("no complete runs; no table")
+    return rows, out
+
+
 def finish(written: list[Path]) -> list[Path]:
     for path in written:
         print(path)

@@ -138,14 +138,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = common.add_interval_options(common.argument_parser(__doc__.splitlines()[0])).parse_args(argv)
     formats = common.formats_of(args)
     common.check_intervals(args)
-    runs, _, calib = common.figure_runs(args)
-    rows = [row_for(run, common.report_for(run, calib[run.path], args), common.bands_of(args)) for run in runs]
-    rows.sort(key=lambda r: (r["model"], r["task"]))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    intervals = common.bands_of(args)
+    rows, out = common.table_rows(args, lambda run, report: row_for(run, report, intervals),
+                                  key=lambda r: (r["model"], r["task"]))
     written: list[Path] = []
     if not rows:
-        common.note("no complete runs; no table")
         return common.finish(written)
     written.append(common.write_csv(out, "main_table.csv", rows))
     frame = display_frame(rows)

@@ -183,14 +183,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = common.add_interval_options(common.argument_parser(__doc__.splitlines()[0])).parse_args(argv)
     formats = common.formats_of(args)
     common.check_intervals(args)
-    runs, _, calib = common.figure_runs(args)
-    rows = [row_for(run, common.report_for(run, calib[run.path], args)) for run in runs]
-    rows.sort(key=lambda r: (r["task"], r["parameters"]))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    rows, out = common.table_rows(args, row_for, key=lambda r: (r["task"], r["parameters"]))
     written: list[Path] = []
     if not rows:
-        common.note("no complete runs; no table")
         return common.finish(written)
     written.append(common.write_csv(out, "sizes_table.csv", rows))
     frame = display_frame(rows)
