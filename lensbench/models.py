@@ -17,6 +17,7 @@ temporary folder renamed into place), so an interrupted conversion never leaves 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -228,6 +229,34 @@ def shipped_gguf_path(name: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def shared_rotary_tables():
+    """Build a HookedTransformer computing its rotary sine/cosine tables once per distinct
+    setting, not once per attention layer (TransformerLens computes the same `n_ctx` x
+    `rotary_dim` tables in every layer: about 0.3 s of a 30-layer model's start at n_ctx 4096).
+
+    The layers then hold the same table tensors; nothing writes into them in place (growing a
+    table replaces it: `readout.ensure_rotary_length`). The key holds every argument and the
+    layer's attention type (local and global layers may differ in base), and the memo lives only
+    while the model is being built, with one config."""
+    from transformer_lens.components.abstract_attention import AbstractAttention
+
+    original = AbstractAttention.calculate_sin_cos_rotary
+    tables: dict = {}
+
+    def calculate_once(self, rotary_dim, n_ctx, base=10000, dtype=torch.float32):
+        key = (id(self.cfg), getattr(self, "attn_type", None), rotary_dim, n_ctx, base, dtype, torch.get_default_device())
+        if key not in tables:
+            tables[key] = original(self, rotary_dim, n_ctx, base, dtype)
+        return tables[key]
+
+    AbstractAttention.calculate_sin_cos_rotary = calculate_once
+    try:
+        yield
+    finally:
+        AbstractAttention.calculate_sin_cos_rotary = original
+
+
 def _load_cached(folder: Path, device: str, dtype: torch.dtype, n_ctx: int, n_devices: int = 1):
     from transformers import AutoTokenizer
     from transformer_lens import HookedTransformer
@@ -238,7 +267,7 @@ def _load_cached(folder: Path, device: str, dtype: torch.dtype, n_ctx: int, n_de
     meta = json.loads((folder / "meta.json").read_text())
     cfg = _tl_config(meta.get("tl_name") or str(folder / "hfconfig"), device, n_ctx, dtype=dtype, n_devices=n_devices)
     cfg.init_weights = False  # every parameter comes from the file (checked below)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), shared_rotary_tables():
         warnings.simplefilter("ignore")
         model = HookedTransformer(cfg, tokenizer, move_to_device=False, default_padding_side="right")
     # The parameters become the file's tensors (assign=True: mapped, copy-on-write, no copy),
@@ -249,7 +278,7 @@ def _load_cached(folder: Path, device: str, dtype: torch.dtype, n_ctx: int, n_de
         if name in state:
             state[name] = _in_layout(state[name], perm, dtype)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    buffers = {name for name, _ in model.named_buffers()}
+    buffers = {name for name, _ in model.named_buffers(remove_duplicate=False)}  # the rotary tables are shared
     if unexpected or set(missing) - buffers:
         raise LensbenchError(f"cached model in {folder} does not match this TransformerLens version; delete it to reconvert")
     # What TransformerLens's `model.to(dtype)` does, without its loop that calls `state_dict()`
@@ -353,7 +382,7 @@ def _random_transformer(preset: str, params: dict, seed: int, device: str, dtype
         **params, seed=seed, device=device, dtype=dtype, init_weights=False,
         original_architecture=f"random:{preset}", model_name=f"random-{preset}",
     )
-    with warnings.catch_warnings(), torch.device(device):
+    with warnings.catch_warnings(), torch.device(device), shared_rotary_tables():
         warnings.simplefilter("ignore")
         model = HookedTransformer(cfg, tokenizer, default_padding_side="right")
     torch.nn.Module.to(model, dtype)  # the float32 buffer TransformerLens makes (attention's IGNORE) too

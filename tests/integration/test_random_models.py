@@ -81,3 +81,45 @@ def test_built_on_the_gpu_in_bfloat16(tokenizer):
     assert not torch.equal(model.embed.W_E.cpu(), on_cpu.embed.W_E)
     with torch.inference_mode():
         assert torch.isfinite(model(torch.tensor([[1, 20, 300]], device="cuda"))).all()
+
+
+def test_rotary_tables_computed_once_equal_transformer_lens_own_per_layer():
+    """`shared_rotary_tables` (used to build every model) computes each distinct table once; every
+    layer's table equals the one TransformerLens computes for that layer alone, local layers with
+    their own base included."""
+    import warnings
+
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.components.abstract_attention import AbstractAttention
+
+    from lensbench.models import shared_rotary_tables
+
+    cfg = dict(n_layers=4, d_model=32, n_heads=2, d_head=16, d_mlp=64, act_fn="silu", normalization_type="RMS",
+               positional_embedding_type="rotary", rotary_dim=16, gated_mlp=True, n_ctx=256, d_vocab=50,
+               use_local_attn=True, attn_types=["global", "local", "global", "local"], window_size=8,
+               rotary_base=1_000_000, rotary_base_local=10_000)
+    original = AbstractAttention.calculate_sin_cos_rotary
+    calls = []
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.attn_type)
+        return original(self, *args, **kwargs)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        own = HookedTransformer(HookedTransformerConfig(**cfg))
+        AbstractAttention.calculate_sin_cos_rotary = counting
+        try:
+            with shared_rotary_tables():
+                shared = HookedTransformer(HookedTransformerConfig(**cfg))
+        finally:
+            AbstractAttention.calculate_sin_cos_rotary = original
+    assert AbstractAttention.calculate_sin_cos_rotary is original  # restored
+    assert sorted(calls) == ["global", "local"]  # once per distinct table, not once per layer
+    for k in range(4):
+        for table in ("rotary_sin", "rotary_cos"):
+            assert torch.equal(getattr(own.blocks[k].attn, table), getattr(shared.blocks[k].attn, table)), (k, table)
+    assert not torch.equal(own.blocks[0].attn.rotary_sin, own.blocks[1].attn.rotary_sin)  # the bases do differ
+    tokens = torch.randint(0, 50, (2, 20), generator=torch.Generator().manual_seed(0))
+    shared.load_state_dict(own.state_dict())
+    assert torch.equal(own(tokens), shared(tokens))
