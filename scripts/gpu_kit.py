@@ -64,7 +64,7 @@ def sha256_of(path: Path) -> str:
 def split_file(source: Path, folder: Path, stem: str, part_bytes: int) -> list[dict]:
     """Cut `source` into `folder/STEM.partNN` pieces of at most `part_bytes`; their records."""
     if part_bytes < 1:
-        raise LensbenchError("--part-mb must be positive")
+        raise LensbenchError("a piece must hold at least one byte")
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob(f"{stem}.part*"):
         old.unlink()  # pieces of an earlier pack (this folder is the kit's own)
@@ -193,10 +193,17 @@ def pack(args) -> int:
     if kit.exists() and any(kit.iterdir()) and not (kit / MANIFEST).exists():
         raise LensbenchError(f"{kit} holds files and no {MANIFEST}: not a kit folder; pick an empty or new --dir")
     tasks = [t for t in args.tasks.split(",") if t]
+    task_files(tasks)  # every task can be packed, before anything is written
+    part_bytes = int(args.part_mb * 1e6)
+    if part_bytes < 1:
+        raise LensbenchError("--part-mb must be positive")
     gguf = shipped_gguf_path(args.model)  # assembled from the packages and verified
-    parts = split_file(gguf, kit / "model", f"{args.model}.gguf", int(args.part_mb * 1e6))
+    kit.mkdir(parents=True, exist_ok=True)
+    # The marker first: an interrupted pack leaves a folder `pack` may rewrite and `join` refuses.
+    (kit / MANIFEST).write_text(json.dumps({"model": args.model, "complete": False}) + "\n")
+    parts = split_file(gguf, kit / "model", f"{args.model}.gguf", part_bytes)
     manifest = {"model": args.model, "sha256": SHIPPED[args.model].sha256, "parts": parts, "tasks": tasks,
-                "data_bytes": pack_data(tasks, kit / "data")}
+                "data_bytes": pack_data(tasks, kit / "data"), "complete": True}
     if args.wheels:
         wheels = kit / "wheels"
         wheels.mkdir(parents=True, exist_ok=True)
@@ -224,7 +231,10 @@ def load_manifest(kit: Path) -> dict:
     path = kit / MANIFEST
     if not path.exists():
         raise LensbenchError(f"no {path}: carry it (the first call of `gpu_kit.py pack`'s plan)")
-    return json.loads(path.read_text())
+    manifest = json.loads(path.read_text())
+    if not manifest.get("complete"):
+        raise LensbenchError(f"{path} is from a pack that did not finish: run `gpu_kit.py pack` again")
+    return manifest
 
 
 def check(args) -> int:

@@ -150,3 +150,18 @@ def test_packed_kit_joins_to_the_shipped_model_and_its_data_loads_the_same_examp
 def test_pack_refuses_a_model_without_a_pinned_hash(tmp_path, capsys):
     assert gpu_kit.main(["pack", "--model", "smollm2-135m", "--dir", str(tmp_path / "kit")]) == 2
     assert "no pinned sha256" in capsys.readouterr().err and not (tmp_path / "kit").exists()
+
+
+def test_bad_options_write_nothing_and_an_unfinished_pack_is_refused_there(tmp_path, capsys, fake_shipped):
+    kit = tmp_path / "kit"
+    assert gpu_kit.main(["pack", "--model", "fake-kit", "--tasks", "nosuch", "--dir", str(kit)]) == 2
+    assert gpu_kit.main(["pack", "--model", "fake-kit", "--part-mb", "0", "--dir", str(kit)]) == 2
+    err = capsys.readouterr().err
+    assert "'nosuch': only registered tasks" in err and "--part-mb must be positive" in err and not kit.exists()
+    # An interrupted pack leaves its marker: `pack` may redo it, `join` refuses it.
+    kit.mkdir()
+    (kit / "kit.json").write_text(json.dumps({"model": "fake-kit", "complete": False}))
+    assert gpu_kit.main(["join", "--dir", str(kit)]) == 2
+    assert "did not finish" in capsys.readouterr().err
+    assert gpu_kit.main(["pack", "--model", "fake-kit", "--tasks", "capitals", "--part-mb", "1", "--dir", str(kit)]) == 0
+    assert json.loads((kit / "kit.json").read_text())["complete"] is True
