@@ -56,8 +56,9 @@ JOBS: tuple[Job, ...] = (
                             f"{CPU05}/*-arc-challenge-test-test", f"{CPU05}/*-medmcqa-test")),
     # The [s]/[a] role runs (ablations and attention on the H200).
     Job("roles", ("roles",), (f"{H200}/*-roles",)),
-    # qwen2.5-coder-1.5b on ARC-Easy and ARC-Challenge (CPU).
-    Job("qwen15", PER_RUN, (f"{CPU15}/*-arc-easy-test-test", f"{CPU15}/*-arc-challenge-test"), out="qwen2.5-coder-1.5b"),
+    # qwen2.5-coder-1.5b on ARC-Easy, ARC-Challenge, BoolQ and MedMCQA (CPU).
+    Job("qwen15", PER_RUN, (f"{CPU15}/*-arc-easy-test-test", f"{CPU15}/*-arc-challenge-test", f"{CPU15}/*-boolq-test",
+                            f"{CPU15}/*-medmcqa-test"), out="qwen2.5-coder-1.5b"),
     # Across model sizes: every shipped model's ARC-Easy test run, and the other tasks stored.
     Job("sizes", ("sizes",), ("results/cpu-sizes", f"{H200}/*-arc-easy-test-test", f"{CPU15}/*-arc-easy-test-test",
                               f"{CPU05}/*-arc-challenge-test-test", f"{CPU15}/*-arc-challenge-test")),
