@@ -123,3 +123,29 @@ def test_rotary_tables_computed_once_equal_transformer_lens_own_per_layer():
     tokens = torch.randint(0, 50, (2, 20), generator=torch.Generator().manual_seed(0))
     shared.load_state_dict(own.state_dict())
     assert torch.equal(own(tokens), shared(tokens))
+
+
+def test_models_built_in_threads_at_once_leave_transformer_lens_unpatched(tokenizer):
+    """The app builds models in several threads: each build has its own memo, and the class
+    attribute `shared_rotary_tables` patches is the original again afterwards."""
+    import threading
+
+    from transformer_lens.components.abstract_attention import AbstractAttention
+
+    original = AbstractAttention.calculate_sin_cos_rotary
+    built: dict[int, object] = {}
+
+    def build(seed):
+        built[seed] = random_model("tiny-rotary", seed, tokenizer=tokenizer)
+
+    threads = [threading.Thread(target=build, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert AbstractAttention.calculate_sin_cos_rotary is original
+    alone = random_model("tiny-rotary", 0, tokenizer=tokenizer)
+    for seed, model in built.items():
+        for k in range(model.cfg.n_layers):
+            assert torch.equal(model.blocks[k].attn.rotary_sin, alone.blocks[k].attn.rotary_sin), (seed, k)
+            assert torch.equal(model.blocks[k].attn.rotary_cos, alone.blocks[k].attn.rotary_cos), (seed, k)
