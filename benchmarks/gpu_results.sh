@@ -4,14 +4,15 @@
 #
 #   bash benchmarks/gpu_results.sh                 # MODEL=qwen2.5-coder-1.5b, everything under $OUT
 #
-# 1. installs the kit's wheels where a package is missing (never torch) and lensbench itself;
+# 1. installs the kit's wheels if transformer_lens, gguf or datasets is missing (never torch);
+#    lensbench and the kit's task data run from the checkout (PYTHONPATH), nothing is installed for them;
 # 2. joins the model's GGUF from the kit's pieces and verifies its pinned sha256 (gpu_kit.py join);
 # 3. runs benchmarks/results_suite.py: per task, Linear SimLens and the tuned lens fitted on
 #    T@calib, runs on T@calib and T@test with the ablations, calibration, SimExit wall-clock at
-#    batch 1 and 16, report.json; time-boxed by BUDGET seconds (default 420: later steps are
-#    skipped and logged, never half-written);
+#    batch 1 and 16, report.json; time-boxed by BUDGET seconds (default 420: steps that would start
+#    later are skipped and logged);
 # 4. leaves in $OUT: results.json (every step, its time and status), suite.log, and one tar per
-#    task of its run folders (no lens weights' caches; the device tool returns at most 8 files).
+#    task of its run folders (lens configs without their weights; the device tool returns at most 8 files).
 #
 # Environment: MODEL, TASKS (results_suite's --tasks), TUNED_TASKS, SPEED_TASKS, SPEED_EXAMPLES, FIT_STEPS, BUDGET, BATCH,
 # DEVICE (default cuda; cpu to try the script itself on a small model), KIT (default .gpu-kit), PYTHON (default python), LENSBENCH_CACHE (default ./.lbcache).
@@ -33,7 +34,7 @@ echo "=== $(date -u +%FT%T) $MODEL on $TASKS (budget ${BUDGET:-420}s)"
 
 if ! "$PY" -c "import transformer_lens, gguf, datasets" 2> /dev/null; then
   [ -d "$KIT/wheels" ] || { echo "gpu_results: transformer_lens is missing and $KIT/wheels was not carried"; exit 2; }
-  "$PY" -m pip install -q --disable-pip-version-check --no-index --find-links "$KIT/wheels" --no-deps "$KIT"/wheels/*.whl \
+  "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps "$KIT"/wheels/*.whl \
     || { echo "gpu_results: installing the kit's wheels failed"; exit 2; }
 fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"

@@ -104,12 +104,15 @@ def join_parts(folder: Path, parts: list[dict], target: Path, sha256: str | None
                              f"{'; ...' if len(problems) > 4 else ''}): carry them again")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    whole = hashlib.sha256()  # hashed as it is written, not read back
     try:
         with tmp.open("wb") as out:
             for part in parts:
                 with (folder / part["file"]).open("rb") as f:
-                    shutil.copyfileobj(f, out, 1 << 22)
-        if sha256 is not None and sha256_of(tmp) != sha256:
+                    for block in iter(lambda: f.read(1 << 22), b""):
+                        whole.update(block)
+                        out.write(block)
+        if sha256 is not None and whole.hexdigest() != sha256:
             raise LensbenchError(f"the joined file's sha256 is not the pinned {sha256[:12]}...: pack again")
         os.replace(tmp, target)
     finally:
