@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-linear", action="store_true", help="no Linear SimLens / tuned lens (no fit, no SimExit curve)")
     p.add_argument("--no-tuned", action="store_true",
                    help="Linear SimLens only: no tuned-lens baseline (one fit and one lens less per task)")
+    p.add_argument("--tuned-objective", choices=["vocab-kl", "candidates-kl", "lstsq"],
+                   help="the tuned lens's fit objective (default lensbench's, vocab-kl; candidates-kl is the CPU-feasible "
+                        "one for large vocabularies: the vocabulary-KL fit of a 1.5B model costs about 2 PFLOP per task)")
     p.add_argument("--measure-speed", action="store_true", help="also time SimExit against the full model (wall-clock)")
     p.add_argument("--runs", default="runs/figures", help="where the runs and lenses go (default runs/figures)")
     p.add_argument("--include", action="append", default=[], help="more run folders (or folders of runs) to draw (repeatable)")
@@ -165,14 +168,23 @@ class Driver:
 
     def fit(self, pair: Pair, kind: str) -> bool:
         folder = pair.lens_dir(kind)
+        wanted = self.args.tuned_objective if kind == "tuned" else None
         if lens_ready(folder):
-            print(f"reuse {folder}")
-            return True
+            made = json.loads((folder / "config.json").read_text()).get("objective")
+            if wanted is None or made == wanted:
+                print(f"reuse {folder}")
+                return True
+            if not self.args.refresh:
+                print(f"note: {folder} was fitted with objective {made}, not {wanted}; kept (--refresh refits it)",
+                      file=sys.stderr)
+                return True
         argv = ["fit-linear", *self.common_model_args(pair.model), "--task", pair.task, "--split", "calib",
                 "--limit", str(self.args.fit_limit or self.args.limit), "--target", "simlens" if kind == "linear-simlens" else "final",
                 "--out", str(folder), "--quiet"]
         if self.args.fit_steps is not None:
             argv += ["--steps", str(self.args.fit_steps)]
+        if wanted:
+            argv += ["--objective", wanted]
         if folder.exists():
             argv.append("--overwrite")  # a half-written lens folder
         return self.lensbench(*argv)
