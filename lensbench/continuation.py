@@ -73,6 +73,44 @@ def simlens_logits_naive(
         return model(z, start_at_layer=point.layer)[:, -1].float()
 
 
+# --- the start token's keys and values -----------------------------------------------------
+
+
+class StartKV:
+    """The keys and values of a start token `[s]` at position 0 in every block: one
+    TransformerLens forward pass of that token alone with a key-value cache.
+
+    In SimLens's two-token continuation (consecutive positions) `[s]` attends only to itself,
+    so its state at every block is the start token's own state there, whichever block the
+    sequence started at (METHOD.md: `[s]` is a per-layer constant). Its keys and values are
+    therefore the same for every sequence: the continuation runs `[a]` alone as a one-token
+    query against these cached keys and values (`past_kv_cache_entry`, frozen), which is the
+    two-token computation with `[s]`'s half done once instead of once per sequence and block.
+    """
+
+    def __init__(self, model, token_id: int):
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+        device = block_device(model, 0)
+        cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, 1)
+        with torch.inference_mode():
+            # An explicit mask: TransformerLens would otherwise take a start token that is also
+            # the pad token (Qwen's end-of-text) for padding and mask it out.
+            model(torch.tensor([[int(token_id)]], device=device), past_kv_cache=cache, return_type=None,
+                  attention_mask=torch.ones(1, 1, dtype=torch.long, device=device))
+        self.token_id = int(token_id)
+        self.keys = [entry.past_keys for entry in cache.entries]  # per block: (1, 1, kv_head, d_head)
+        self.values = [entry.past_values for entry in cache.entries]
+
+    def entry(self, k: int, n: int):
+        """Block k's frozen cache entry for `n` one-token queries at position 1."""
+        from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+        return TransformerLensKeyValueCacheEntry(
+            self.keys[k].expand(n, -1, -1, -1), self.values[k].expand(n, -1, -1, -1), frozen=True
+        )
+
+
 # --- the fast path --------------------------------------------------------------------------
 
 
@@ -122,6 +160,7 @@ def continue_slots(
     position_ids: Int[Tensor, "n slot"] | None = None,
     capture_attention: bool = False,
     graphs: "ContinuationGraphs | None" = None,
+    start: StartKV | None = None,
 ) -> tuple[Float[Tensor, "n d_model"], Float[Tensor, "n block head"] | None]:
     """Continue each short sequence `z[i]` from readout point `starts[i]` to the last block.
 
@@ -130,13 +169,19 @@ def continue_slots(
     attention the last slot pays to the first in every block (NaN where not run).
     With `graphs` (consecutive positions on one CUDA device) the whole loop is replayed from
     a CUDA graph captured once per shape (`ContinuationGraphs`).
+
+    With `start`, every `z[i]` is `[s, a]` with `s` the state of `start`'s token at the
+    sequence's start point (consecutive positions): `[s]`'s part is taken from `start`'s keys
+    and values and only `[a]` runs through the blocks (`StartKV`); `z[:, 0]` is not read.
     """
+    if start is not None and (z.shape[1] != 2 or position_ids is not None):
+        raise LensbenchError("the cached start token needs [s, a] sequences at consecutive positions")
     plan = ContinuationPlan.of(starts, model.cfg.n_layers)
     if graphs is not None and position_ids is None and graphs.enabled:
-        result = graphs.run(z, plan, capture_attention)
+        result = graphs.run(z, plan, capture_attention, start)
         if result is not None:
             return result
-    return _execute_plan(model, z, plan, *_plan_indices(plan, z.device), position_ids, capture_attention)
+    return _execute_plan(model, z, plan, *_plan_indices(plan, z.device), position_ids, capture_attention, start)
 
 
 def _plan_indices(plan: ContinuationPlan, device) -> tuple[Tensor | None, Tensor | None]:
@@ -145,7 +190,8 @@ def _plan_indices(plan: ContinuationPlan, device) -> tuple[Tensor | None, Tensor
     return final_t, order_t
 
 
-def _execute_plan(model, z, plan: ContinuationPlan, final_t, order_t, position_ids=None, capture_attention=False):
+def _execute_plan(model, z, plan: ContinuationPlan, final_t, order_t, position_ids=None, capture_attention=False,
+                  start: StartKV | None = None):
     """The block loop of `continue_slots`: device work only, so it can be captured in a graph."""
     n, n_slots, _ = z.shape
     n_layers = plan.n_layers
@@ -157,7 +203,7 @@ def _execute_plan(model, z, plan: ContinuationPlan, final_t, order_t, position_i
         out[final_t] = z[final_t, -1]
     if order_t is None:
         return out, attention
-    z_ordered = z[order_t]
+    z_ordered = z[order_t] if start is None else z[order_t][:, 1:]  # with `start`, [a] alone
     ordered_pos = None if position_ids is None else position_ids[order_t]
     if ordered_pos is not None:
         ensure_rotary_length(model, int(ordered_pos.max()) + 1)  # one sync, not one per block
@@ -166,7 +212,7 @@ def _execute_plan(model, z, plan: ContinuationPlan, final_t, order_t, position_i
 
     def pattern_hook(pattern, hook):
         if armed[0]:
-            current["pattern"] = pattern[:, :, 1, 0].float()
+            current["pattern"] = pattern[:, :, -1, 0].float()  # the last query ([a]) on key 0 ([s])
 
     # The pattern hooks of every block at once: one hook context, not one per block.
     hooks = [(f"blocks.{k}.attn.hook_pattern", pattern_hook) for k in range(n_layers)] if attention is not None else []
@@ -183,7 +229,10 @@ def _execute_plan(model, z, plan: ContinuationPlan, final_t, order_t, position_i
                 positions = None if ordered_pos is None else ordered_pos[:running]
                 armed[0] = True
                 with rotary_positions(model, positions, range(k, k + 1), check=False):
-                    active = model.blocks[k](active)
+                    if start is None:
+                        active = model.blocks[k](active)
+                    else:
+                        active = model.blocks[k](active, past_kv_cache_entry=start.entry(k, active.shape[0]))
                 armed[0] = False
                 if attention is not None:
                     attention[order_t[:running], k] = current.pop("pattern").to(z.device)
@@ -231,12 +280,12 @@ class ContinuationGraphs:
         self.enabled = cuda_graphs_possible(model)
         self._cache: dict = {}
 
-    def run(self, z, plan: ContinuationPlan, capture_attention: bool):
-        key = (tuple(z.shape), z.dtype, plan, capture_attention)
+    def run(self, z, plan: ContinuationPlan, capture_attention: bool, start: StartKV | None = None):
+        key = (tuple(z.shape), z.dtype, plan, capture_attention, None if start is None else id(start))
         entry = self._cache.pop(key, None)
         if entry is None:
             try:
-                entry = self._capture(z, plan, capture_attention)
+                entry = self._capture(z, plan, capture_attention, start)
             except Exception as exc:  # noqa: BLE001 - eager still works
                 warnings.warn(f"CUDA graphs of the SimLens continuation unavailable ({type(exc).__name__}: {exc}); running eagerly")
                 self.enabled = False
@@ -251,22 +300,26 @@ class ContinuationGraphs:
             graph.replay()
             return out.clone(), (None if attention is None else attention.clone())
 
-    def _capture(self, z, plan: ContinuationPlan, capture_attention: bool):
+    def _capture(self, z, plan: ContinuationPlan, capture_attention: bool, start: StartKV | None = None):
         final_t, order_t = _plan_indices(plan, z.device)
         with torch.inference_mode():
             z_in = z.clone()
             graph, (out, attention) = _capture(
-                lambda: _execute_plan(self.model, z_in, plan, final_t, order_t, None, capture_attention)
+                lambda: _execute_plan(self.model, z_in, plan, final_t, order_t, None, capture_attention, start)
             )
-        # The index tensors live outside the graph's pool: the entry keeps them alive, or their
-        # memory would be reused while the graph still reads it.
-        return graph, z_in, out, attention, (final_t, order_t)
+        # The index tensors (and the start token's keys and values) live outside the graph's
+        # pool: the entry keeps them alive, or their memory would be reused while the graph
+        # still reads it.
+        return graph, z_in, out, attention, (final_t, order_t, start)
 
 
-def masked_block(model, k: int, x: Float[Tensor, "n slot d_model"], starts: Int[Tensor, " n"]) -> Tensor:
+def masked_block(model, k: int, x: Float[Tensor, "n slot d_model"], starts: Int[Tensor, " n"],
+                 start: StartKV | None = None) -> Tensor:
     """Block k on the sequences that have joined (`starts <= k`); the others pass unchanged.
-    Chaining it from the lowest start continues every sequence from its own start block."""
-    return torch.where((starts <= k)[:, None, None], model.blocks[k](x), x)
+    Chaining it from the lowest start continues every sequence from its own start block.
+    With `start`, `x` holds `[a]` alone and `[s]` comes from the start token's keys and values."""
+    entry = None if start is None else start.entry(k, x.shape[0])
+    return torch.where((starts <= k)[:, None, None], model.blocks[k](x, past_kv_cache_entry=entry), x)
 
 
 class GraphedContinuation:
@@ -285,11 +338,15 @@ class GraphedContinuation:
     reused, so `run` returns a copy. Results equal `continue_slots` up to kernel choice.
     """
 
-    def __init__(self, model, n: int, n_slots: int = 2):
+    def __init__(self, model, n: int, n_slots: int = 2, start: StartKV | None = None):
         if not cuda_graphs_possible(model):
             raise LensbenchError("CUDA graphs of the continuation need the model on one CUDA device")
+        if start is not None and n_slots != 2:
+            raise LensbenchError("the cached start token needs [s, a] sequences")
         self.model = model
+        self.start = start  # with it, the buffers hold [a] alone (`StartKV`)
         self.n, self.n_slots = n, n_slots
+        n_slots = 1 if start is not None else n_slots
         n_layers, d_model = model.cfg.n_layers, model.cfg.d_model
         dtype = next(model.blocks[0].parameters()).dtype
         device = next(model.blocks[0].parameters()).device
@@ -298,7 +355,9 @@ class GraphedContinuation:
         self.graphs: list = []
         with torch.inference_mode():
             for k in range(n_layers):
-                graph, _ = _capture(lambda: self.buffers[k + 1].copy_(masked_block(model, k, self.buffers[k], self.starts)))
+                graph, _ = _capture(
+                    lambda: self.buffers[k + 1].copy_(masked_block(model, k, self.buffers[k], self.starts, start))
+                )
                 self.graphs.append(graph)
 
     def run(self, z: Float[Tensor, "n slot d_model"], start_layer: int | list[int]) -> Float[Tensor, "n d_model"]:
@@ -308,7 +367,7 @@ class GraphedContinuation:
         first = min(starts)
         with torch.inference_mode():  # the buffers may be inference tensors (captured in that mode)
             self.starts.copy_(torch.tensor(starts, dtype=torch.long))
-            self.buffers[first].copy_(z)
+            self.buffers[first].copy_(z if self.start is None else z[:, 1:])
             for k in range(first, len(self.graphs)):
                 self.graphs[k].replay()
             return self.buffers[-1][:, -1].clone()

@@ -62,6 +62,7 @@ class Prober:
         self.points = readout_points(model, site)
         self.start_id = start_token_id(model.tokenizer, start_token)
         self.pad_id = pad_token_id(model.tokenizer, self.start_id)
+        self._start_states: dict = {}  # the start token's cached keys and values, kept across probes (`StartKV`)
         self._lenses: dict[tuple, list[Lens]] = {}
         self._available: list[str] | None = None
 
@@ -140,7 +141,8 @@ class Prober:
             if len(pieces) != 1:
                 raise LensbenchError(f"the pinned token {text!r} is {len(pieces)} tokens for {self.model_name}; pin a single token")
             pinned_ids.append(pieces[0])
-        ctx = RunContext(self.model, self.points, {index: encoded}, self.pad_id, batch_size=1, mean_examples=1)
+        ctx = RunContext(self.model, self.points, {index: encoded}, self.pad_id, batch_size=1, mean_examples=1,
+                         start_states=self._start_states)
         for lens in built:  # on this probe's own context: nothing of an earlier prompt is used
             lens.prepare(ctx)
         with torch.inference_mode(), cpu_threads(self.model, self.threads):

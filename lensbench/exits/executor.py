@@ -13,7 +13,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from lensbench.continuation import GraphedContinuation, continue_slots, cuda_graphs_possible
+from lensbench.continuation import GraphedContinuation, StartKV, continue_slots, cuda_graphs_possible
 from lensbench.errors import LensbenchError
 from lensbench.exits.policies import ANSWER_LENSES, NO_EXIT, POLICIES, executor_policies
 from lensbench.exits.simulate import threshold_vector
@@ -259,7 +259,9 @@ class SimExitExecutor:
         if cuda_graphs and not on_cuda:
             raise LensbenchError("cuda_graphs needs the model on one CUDA device")
         self.cuda_graphs = on_cuda if cuda_graphs is None else bool(cuda_graphs)
-        self._graphs: dict[int, object] = {}
+        self._graphs: dict[tuple, object] = {}
+        self._starts: dict[int, StartKV] = {}  # start token -> its cached keys and values
+        self._start: StartKV | None = None  # the current run's (one start token, consecutive positions)
 
     # readouts at the answer position; candidates only unless the vocabulary entropy is asked for
     def _readout(self, x: Float[Tensor, "n d_model"], cand: Int[Tensor, "n cand"], mask) -> tuple[Tensor, Tensor]:
@@ -281,14 +283,15 @@ class SimExitExecutor:
         would cost more to capture than they save (more than MAX_GRAPHED_PAIRS pairs)."""
         if not self.cuda_graphs or self.positions != "consecutive" or n > MAX_GRAPHED_PAIRS:
             return None
-        if n not in self._graphs:
+        key = (n, None if self._start is None else self._start.token_id)
+        if key not in self._graphs:
             try:
-                self._graphs[n] = GraphedContinuation(self.model, n)
+                self._graphs[key] = GraphedContinuation(self.model, n, start=self._start)
             except Exception as exc:  # noqa: BLE001 - an uncapturable model runs eagerly, said once
                 warnings.warn(f"SimExit: CUDA graphs unavailable ({type(exc).__name__}: {exc}); continuing eagerly")
                 self.cuda_graphs = False
                 return None
-        return self._graphs[n]
+        return self._graphs[key]
 
     def _continue_graphed(self, z: Tensor, layers: list[int]) -> Tensor | None:
         """The graphed continuation in chunks of at most MAX_GRAPHED_PAIRS pairs, each padded to
@@ -319,8 +322,19 @@ class SimExitExecutor:
         position_ids = None
         if self.positions == "original":
             position_ids = torch.stack([torch.zeros_like(lengths), lengths - 1], 1).to(z.device)
-        out, _ = continue_slots(self.model, z, starts, position_ids)
+        out, _ = continue_slots(self.model, z, starts, position_ids, start=self._start if position_ids is None else None)
         return out
+
+    def _start_of(self, examples) -> StartKV | None:
+        """The start token's cached keys and values when every example starts with the same
+        token and positions are consecutive (`StartKV`: `[a]` alone runs the continuation)."""
+        firsts = {e.tokens[0] for e in examples}
+        if self.positions != "consecutive" or len(firsts) != 1:
+            return None
+        token = int(next(iter(firsts)))
+        if token not in self._starts:
+            self._starts[token] = StartKV(self.model, token)
+        return self._starts[token]
 
     def _confidence_input(self, layer: int, s: Tensor, h: Tensor, lengths: Tensor) -> Tensor:
         return self._policy.confidence(self, layer, s, h, lengths)
@@ -421,6 +435,7 @@ class SimExitExecutor:
         if state is None:
             return ExecutorResult([], [], [], [], ExecutorStats(calls_per_block=[0] * n_layers))
         stats = state.stats
+        self._start = self._start_of(examples)
         order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].tokens), examples[i].index))
         next_up = 0  # the next position of `order` to enter
         # at batch size 1 every call is full: a pool would only hold memory

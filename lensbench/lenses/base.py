@@ -72,6 +72,10 @@ class RunContext:
     batch_size: int = 8
     mean_examples: int = 256
     cuda_graphs: bool = False  # replay continuations from CUDA graphs (one CUDA device only)
+    # start token -> its cached keys and values (`continuation.StartKV`): a function of the model
+    # alone, so a caller that keeps the model unchanged may hand the same dict to several
+    # contexts (the live probe does); computed on first use otherwise.
+    start_states: dict = field(default_factory=dict, repr=False)
     _shared: dict = field(default_factory=dict, repr=False)
 
     def shared(self, key: str, make: Callable[[], object]):

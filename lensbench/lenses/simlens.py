@@ -9,7 +9,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from lensbench.continuation import ContinuationGraphs, continue_slots, simlens_logits_hooked
+from lensbench.continuation import ContinuationGraphs, StartKV, continue_slots, simlens_logits_hooked
 from lensbench.errors import LensbenchError
 from lensbench.lenses.ablation import POSITION_MODES, Ablation, SlotSource, parse_ablations
 from lensbench.lenses.base import Lens, LensBatch, LensOptions, LensOutput, RunContext, register
@@ -50,6 +50,7 @@ class SimLens(Lens):
         self._means = None
         self._donor: dict[int, int] = {}
         self._ctx: RunContext | None = None
+        self._start_token: int | None = None  # the [s] slot's token when it is a start token's own state
         self._shared_memo: tuple | None = None  # (z, points, LensOutput) of the last shared input
 
     def extra_positions(self) -> tuple[int, ...]:
@@ -57,6 +58,7 @@ class SimLens(Lens):
 
     def prepare(self, ctx: RunContext) -> None:
         self._ctx = ctx
+        self._start_token = None
         tokenizer = ctx.model.tokenizer
         for slot, src in self.ablation.slots:
             if src.kind == "token" and src.arg not in self._token_resid:
@@ -81,6 +83,32 @@ class SimLens(Lens):
                 perm = [order[i] for i in torch.randperm(len(order), generator=generator).tolist()]
                 # A cyclic shift of a random order: a derangement, so no example is its own donor.
                 self._donor = {perm[i]: perm[(i + 1) % len(perm)] for i in range(len(perm))}
+        self._start_token = self._cached_start_token(ctx)
+
+    def _cached_start_token(self, ctx: RunContext) -> int | None:
+        """The token whose own states fill the `[s]` slot at every point, when the
+        continuation may take `[s]` from that token's cached keys and values (`StartKV`):
+        consecutive positions, both slots kept, and `[s]` from a start token (`self`, another
+        example's with the same start token, or `token:t`, a start token of its own)."""
+        slots = self.ablation.slots
+        if self.positions != "consecutive" or [slot for slot, _ in slots] != ["s", "a"]:
+            return None
+        src = slots[0][1]
+        if src.kind == "token":
+            return int(ctx.model.tokenizer.encode(src.arg, add_special_tokens=False)[0])
+        if src.kind in ("self", "example", "swap"):
+            firsts = {e.tokens[0] for e in ctx.examples.values()}
+            return int(next(iter(firsts))) if len(firsts) == 1 else None
+        return None
+
+    def start_kv(self) -> StartKV | None:
+        """The cached start token of this lens's continuation (shared by the run's lenses)."""
+        if self._start_token is None or self._ctx is None:
+            return None
+        states = self._ctx.start_states
+        if self._start_token not in states:
+            states[self._start_token] = StartKV(self._ctx.model, self._start_token)
+        return states[self._start_token]
 
     def donors(self, example_indices: list[int]) -> list[int]:
         fixed = [src.arg for _, src in self.ablation.slots if src.kind == "example"]
@@ -165,7 +193,8 @@ class SimLens(Lens):
         flat_pos = None if position_ids is None else position_ids.reshape(n_points * b, n_slots)
         graphs = continuation_graphs(self._ctx) if self._ctx is not None else None
         resid, attention = continue_slots(
-            batch.model, z.reshape(n_points * b, n_slots, d_model), starts, flat_pos, self.capture_attention, graphs
+            batch.model, z.reshape(n_points * b, n_slots, d_model), starts, flat_pos, self.capture_attention, graphs,
+            self.start_kv(),
         )
         attention = None if attention is None else attention.reshape(n_points, b, *attention.shape[1:])
         resid = resid.reshape(n_points, b, d_model)
