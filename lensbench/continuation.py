@@ -161,6 +161,7 @@ def continue_slots(
     capture_attention: bool = False,
     graphs: "ContinuationGraphs | None" = None,
     start: StartKV | None = None,
+    alone: Tensor | None = None,
 ) -> tuple[Float[Tensor, "n d_model"], Float[Tensor, "n block head"] | None]:
     """Continue each short sequence `z[i]` from readout point `starts[i]` to the last block.
 
@@ -173,15 +174,20 @@ def continue_slots(
     With `start`, every `z[i]` is `[s, a]` with `s` the state of `start`'s token at the
     sequence's start point (consecutive positions): `[s]`'s part is taken from `start`'s keys
     and values and only `[a]` runs through the blocks (`StartKV`); `z[:, 0]` is not read.
+    `alone` (a boolean per sequence, with `start`) marks sequences that are `[a]` alone (`[s]`
+    dropped): an attention mask hides `[s]` from them and puts `[a]` at position 0, so they
+    are the one-token continuation and share the block calls of the others.
     """
     if start is not None and (z.shape[1] != 2 or position_ids is not None):
         raise LensbenchError("the cached start token needs [s, a] sequences at consecutive positions")
+    if alone is not None and start is None:
+        raise LensbenchError("sequences of [a] alone share block calls only with a cached start token")
     plan = ContinuationPlan.of(starts, model.cfg.n_layers)
-    if graphs is not None and position_ids is None and graphs.enabled:
+    if graphs is not None and position_ids is None and graphs.enabled and alone is None:
         result = graphs.run(z, plan, capture_attention, start)
         if result is not None:
             return result
-    return _execute_plan(model, z, plan, *_plan_indices(plan, z.device), position_ids, capture_attention, start)
+    return _execute_plan(model, z, plan, *_plan_indices(plan, z.device), position_ids, capture_attention, start, alone)
 
 
 def _plan_indices(plan: ContinuationPlan, device) -> tuple[Tensor | None, Tensor | None]:
@@ -191,7 +197,7 @@ def _plan_indices(plan: ContinuationPlan, device) -> tuple[Tensor | None, Tensor
 
 
 def _execute_plan(model, z, plan: ContinuationPlan, final_t, order_t, position_ids=None, capture_attention=False,
-                  start: StartKV | None = None):
+                  start: StartKV | None = None, alone: Tensor | None = None):
     """The block loop of `continue_slots`: device work only, so it can be captured in a graph."""
     n, n_slots, _ = z.shape
     n_layers = plan.n_layers
@@ -204,6 +210,10 @@ def _execute_plan(model, z, plan: ContinuationPlan, final_t, order_t, position_i
     if order_t is None:
         return out, attention
     z_ordered = z[order_t] if start is None else z[order_t][:, 1:]  # with `start`, [a] alone
+    mask_ordered = None  # per running row: (sees [s], sees [a]) for the blocks' attention
+    if alone is not None:
+        sees_s = (~alone.to(z.device)).long()
+        mask_ordered = torch.stack([sees_s, torch.ones_like(sees_s)], 1)[order_t]
     ordered_pos = None if position_ids is None else position_ids[order_t]
     if ordered_pos is not None:
         ensure_rotary_length(model, int(ordered_pos.max()) + 1)  # one sync, not one per block
@@ -232,7 +242,9 @@ def _execute_plan(model, z, plan: ContinuationPlan, final_t, order_t, position_i
                     if start is None:
                         active = model.blocks[k](active)
                     else:
-                        active = model.blocks[k](active, past_kv_cache_entry=start.entry(k, active.shape[0]))
+                        mask = None if mask_ordered is None else mask_ordered[:running].to(device)
+                        active = model.blocks[k](active, past_kv_cache_entry=start.entry(k, active.shape[0]),
+                                                 attention_mask=mask)
                 armed[0] = False
                 if attention is not None:
                     attention[order_t[:running], k] = current.pop("pattern").to(z.device)

@@ -84,6 +84,8 @@ class SimLens(Lens):
                 # A cyclic shift of a random order: a derangement, so no example is its own donor.
                 self._donor = {perm[i]: perm[(i + 1) % len(perm)] for i in range(len(perm))}
         self._start_token = self._cached_start_token(ctx)
+        if self._fusion_role() is not None:
+            ctx.shared("simlens_fusion", list).append(self)
 
     def _cached_start_token(self, ctx: RunContext) -> int | None:
         """The token whose own states fill the `[s]` slot at every point, when the
@@ -100,6 +102,65 @@ class SimLens(Lens):
             firsts = {e.tokens[0] for e in ctx.examples.values()}
             return int(next(iter(firsts))) if len(firsts) == 1 else None
         return None
+
+    def _fusion_role(self) -> str | None:
+        """How this lens's continuation shares block calls with its siblings' (`_fused`):
+        "pair" (`[a]` after the cached `[s]`), "alone" (`[a]` alone: `[s]` dropped) or None."""
+        if self.positions != "consecutive":
+            return None
+        slots = [slot for slot, _ in self.ablation.slots]
+        if slots == ["s", "a"] and self._start_token is not None:
+            return "pair"
+        return "alone" if slots == ["a"] else None
+
+    def _fused(self, batch: LensBatch) -> LensOutput | None:
+        """This lens's output from one continuation shared with its sibling SimLens lenses.
+
+        With the start token's keys and values cached (`StartKV`), SimLens and its ablations
+        that keep `[a]` and either keep `[s]` as a start token's own state or drop it are all
+        one-token queries at `[a]`: their sequences run through the same block calls (each
+        block once per batch, not once per lens), an attention mask hiding `[s]` from the
+        "alone" ones (`continue_slots(alone=...)`). The first of them asked for a batch
+        computes all and keeps the others' outputs until they ask. Not with CUDA graphs, which
+        replay each lens's whole continuation already. None when there is nothing to share."""
+        ctx = self._ctx
+        if ctx is None or self._fusion_role() is None or continuation_graphs(ctx) is not None:
+            return None
+        store = ctx.shared("simlens_fused", dict)
+        kept = store.pop(id(self), None)
+        if kept is not None and kept[0] is batch:
+            return kept[1]
+        siblings = [lens for lens in ctx.shared("simlens_fusion", list) if not lens.example_independent(batch)]
+        pairs = [lens for lens in siblings if lens._fusion_role() == "pair"]
+        if self not in siblings or not pairs:
+            return None
+        token = pairs[0]._start_token
+        group = [lens for lens in siblings if lens._fusion_role() == "alone" or lens._start_token == token]
+        if len(group) < 2:
+            return None
+        zs, alone = [], []
+        for lens in group:
+            z, _ = lens.inputs(batch)
+            if lens._fusion_role() == "alone":  # an unread [s] slot, hidden by the mask
+                z = torch.cat([torch.zeros_like(z), z], dim=2)
+            zs.append(z.reshape(-1, 2, z.shape[-1]))
+            alone.append(torch.full((zs[-1].shape[0],), lens._fusion_role() == "alone", dtype=torch.bool))
+        n_points, b = len(batch.slots.points), batch.n_primary
+        starts = [p for p in batch.slots.points for _ in range(b)] * len(group)
+        capture = any(lens.capture_attention for lens in group)
+        resid, attention = continue_slots(batch.model, torch.cat(zs), starts, None, capture, None,
+                                          pairs[0].start_kv(), torch.cat(alone))
+        rows = n_points * b
+        mine = None
+        for i, lens in enumerate(group):
+            part = slice(i * rows, (i + 1) * rows)
+            att = attention[part].reshape(n_points, b, *attention.shape[1:]) if lens.capture_attention else None
+            output = LensOutput(resid[part].reshape(n_points, b, -1), att, False)
+            if lens is self:
+                mine = output
+            else:
+                store[id(lens)] = (batch, output)
+        return mine
 
     def start_kv(self) -> StartKV | None:
         """The cached start token of this lens's continuation (shared by the run's lenses)."""
@@ -176,8 +237,12 @@ class SimLens(Lens):
         return all(e is not None for e in examples) and len({e.tokens[0] for e in examples}) == 1
 
     def final_residuals(self, batch: LensBatch) -> LensOutput:
-        z, position_ids = self.inputs(batch)
         shared = self.example_independent(batch)
+        if not shared:
+            fused = self._fused(batch)
+            if fused is not None:
+                return fused
+        z, position_ids = self.inputs(batch)
         if shared:  # one row per point stands for the whole batch
             z = z[:, :1]
             position_ids = None if position_ids is None else position_ids[:, :1]

@@ -1,6 +1,6 @@
 """Behaviour pinned across refactors: the command line reproduces, bit for bit, the runs,
 lens, calibration and report stored in tests/golden/expected.json (made by
-tests/golden/make_golden.py on the code before the architecture refactor)."""
+tests/golden/make_golden.py; when and why it was last made: that file's docstring)."""
 
 from __future__ import annotations
 
