@@ -72,6 +72,7 @@ class RunContext:
     batch_size: int = 8
     mean_examples: int = 256
     cuda_graphs: bool = False  # replay continuations from CUDA graphs (one CUDA device only)
+    fuse_continuations: bool = True  # SimLens and its [a]-keeping ablations share block calls (`SimLens._fused`)
     # start token -> its cached keys and values (`continuation.StartKV`): a function of the model
     # alone, so a caller that keeps the model unchanged may hand the same dict to several
     # contexts (the live probe does); computed on first use otherwise.

@@ -124,7 +124,8 @@ class SimLens(Lens):
         computes all and keeps the others' outputs until they ask. Not with CUDA graphs, which
         replay each lens's whole continuation already. None when there is nothing to share."""
         ctx = self._ctx
-        if ctx is None or self._fusion_role() is None or continuation_graphs(ctx) is not None:
+        if (ctx is None or not ctx.fuse_continuations or self._fusion_role() is None
+                or continuation_graphs(ctx) is not None):
             return None
         store = ctx.shared("simlens_fused", dict)
         kept = store.pop(id(self), None)

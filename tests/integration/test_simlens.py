@@ -212,3 +212,95 @@ def test_shared_lenses_store_what_per_example_computation_stores(tiny_rotary, mo
     assert shared["entropy"] == pytest.approx(each["entropy"], abs=1e-5)
     for ours, theirs in zip(shared["candidate_logprobs"], each["candidate_logprobs"]):
         assert ours == pytest.approx(theirs, abs=1e-5)
+
+
+# --- the start token's cached keys and values, and the shared continuation ---------------------
+
+
+@pytest.mark.parametrize("model_name", ["tiny_rotary", "tiny_learned", "embedded"])
+@pytest.mark.parametrize("site", ["pre", "mid"])
+def test_cached_start_token_continues_as_the_two_token_sequence(request, model_name, site):
+    """`[a]` against the start token's cached keys and values is the two-token continuation,
+    and `[a]` marked alone is the one-token continuation (`[s]` dropped), at every point."""
+    from lensbench.continuation import StartKV, continue_slots
+
+    model = request.getfixturevalue(model_name)
+    model = model[0] if isinstance(model, tuple) else model
+    _, batch, encoded, *_ = make_batch(model, n=3, site=site)
+    z = torch.stack([batch.slots.s, batch.slots.a], dim=2).reshape(-1, 2, model.cfg.d_model)
+    starts = [p for p in batch.slots.points for _ in range(3)]
+    start = StartKV(model, encoded[0].tokens[0])
+    scale = float(z.abs().max())
+    two, att_two = continue_slots(model, z, starts, capture_attention=True)
+    one, _ = continue_slots(model, z[:, 1:], starts)
+    both = torch.cat([z, z.flip(0)])  # another order: rows are independent
+    alone = torch.tensor([False] * len(z) + [True] * len(z))
+    cached, att_cached = continue_slots(model, both, starts + starts[::-1], capture_attention=True, start=start, alone=alone)
+    tol = 1e-5 * max(1.0, float(two.abs().max()), scale)
+    assert torch.allclose(cached[: len(z)], two, atol=tol)
+    assert torch.allclose(cached[len(z):].flip(0), one, atol=tol)
+    # the attention [a] pays to [s]: as in the two-token sequence; zero where [s] is hidden
+    assert torch.equal(att_cached[: len(z)].isnan(), att_two.isnan())
+    assert torch.allclose(att_cached[: len(z)].nan_to_num(), att_two.nan_to_num(), atol=1e-5)
+    assert att_cached[len(z):].nan_to_num().abs().max() == 0
+
+
+def test_cached_start_token_that_is_also_the_pad_token(tiny_rotary, monkeypatch):
+    """A start token that is also the tokenizer's pad token (Qwen's end-of-text) is not
+    taken for padding: its keys and values are those of the token itself."""
+    from lensbench.continuation import StartKV, continue_slots
+
+    _, batch, encoded, *_ = make_batch(tiny_rotary, n=2)
+    token = encoded[0].tokens[0]
+    z = torch.stack([batch.slots.s, batch.slots.a], dim=2).reshape(-1, 2, tiny_rotary.cfg.d_model)
+    starts = [p for p in batch.slots.points for _ in range(2)]
+    expected, _ = continue_slots(tiny_rotary, z, starts)
+    tokenizer = tiny_rotary.tokenizer
+    saved = tokenizer.pad_token
+    monkeypatch.setattr(tiny_rotary.cfg, "default_prepend_bos", False)  # as Qwen's
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(token)
+    try:
+        assert tokenizer.pad_token_id == token
+        got, _ = continue_slots(tiny_rotary, z, starts, start=StartKV(tiny_rotary, token))
+    finally:
+        tokenizer.pad_token = saved
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_name", ["tiny_rotary", "embedded"])
+def test_shared_continuation_stores_what_each_lens_alone_stores(request, model_name, monkeypatch):
+    """SimLens and its ablations that keep `[a]` run through the same block calls (one
+    continuation for all of them); the stored columns are those of each lens computed alone,
+    up to float32 rounding, decisions and top-k tokens exactly."""
+    import lensbench.lenses.simlens as simlens_module
+    from lensbench.evaluate import evaluate_batch
+    from lensbench.lenses import build_lenses
+    from lensbench.tasks import make_batches
+
+    model = request.getfixturevalue(model_name)
+    model = model[0] if isinstance(model, tuple) else model
+    examples = load_task("capitals")[:6]
+    start = start_token_id(model.tokenizer)
+    encoded, _ = encode_examples(examples, model.tokenizer, start, model.cfg.n_ctx)
+    calls = []
+    real = simlens_module.continue_slots
+    monkeypatch.setattr(simlens_module, "continue_slots", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    columns = {}
+    for fuse in (True, False):
+        ctx = RunContext(model, readout_points(model), {e.index: e for e in encoded}, start, batch_size=3,
+                         fuse_continuations=fuse)
+        lenses = build_lenses("logit,simlens", 'drop-s,drop-a,a=swap,s=token:" the",s=zero,a=zero', "consecutive", [])
+        for lens in lenses:
+            lens.prepare(ctx)
+        calls.clear()
+        columns[fuse] = [evaluate_batch(model, lenses, ctx, batch).columns for batch in make_batches(encoded, 3)]
+        rows = len(readout_points(model)) * 3  # one lens on one batch
+        # fused: simlens, drop-s and a=swap in one call per batch (s=token has another start
+        # token, s=zero no start token's states; drop-a and a=zero are one row per point)
+        assert max(calls) == (3 * rows if fuse else rows), calls
+    for fused, alone in zip(columns[True], columns[False]):
+        for key in ("lens", "layer", "example_index", "decision", "topk_ids"):
+            assert fused[key] == alone[key], key
+        assert fused["entropy"] == pytest.approx(alone["entropy"], abs=1e-4)
+        for ours, theirs in zip(fused["candidate_logprobs"], alone["candidate_logprobs"]):
+            assert ours == pytest.approx(theirs, abs=1e-4)
