@@ -8,7 +8,9 @@ upper blocks of a `HookedTransformer`, in formulations that must agree:
 - a fast path for evaluation (`continue_slots`): the `[s]`/`[a]` pairs of every readout point
   of a batch run through the upper blocks together, each block once over all pairs that
   still need it, optionally replayed from CUDA graphs (`ContinuationGraphs`; per block for
-  the SimExit executor: `GraphedContinuation`).
+  the SimExit executor: `GraphedContinuation`). With a start token's cached keys and values
+  (`StartKV`) only `[a]` runs: `[s]`'s half of every pair is computed once per run, and
+  sequences of `[a]` alone (`[s]` dropped) share the same block calls under an attention mask.
 
 It knows nothing of lenses: `lensbench.lenses.simlens` and the exit executor build on it.
 """
@@ -348,6 +350,7 @@ class GraphedContinuation:
 
     Captured on first use (one warm-up and one capture per block); CUDA only. The buffers are
     reused, so `run` returns a copy. Results equal `continue_slots` up to kernel choice.
+    With `start` (`StartKV`) the buffers hold `[a]` alone, as in `continue_slots(start=...)`.
     """
 
     def __init__(self, model, n: int, n_slots: int = 2, start: StartKV | None = None):

@@ -171,7 +171,9 @@ class _RunState:
 class SimExitExecutor:
     """Early exit that stops computing: the prompt runs block by block, examples whose
     confidence at a readout point falls below the threshold leave the prompt pass, and their
-    `[s]`/`[a]` pairs are continued by SimLens (`continue_slots`) for the answer.
+    `[s]`/`[a]` pairs are continued by SimLens (`continue_slots`) for the answer: `[a]` alone
+    against the start token's cached keys and values (`StartKV`) when the examples share
+    their start token and positions are consecutive.
 
     model: a HookedTransformer; linear_lens: a fitted `LinearLens` (needed by the
     `linear-simlens` policy or answer); threshold: a float or `{layer: tau}`; policy:

@@ -77,11 +77,16 @@ def _column_digest(column) -> str:
     return hashlib.sha256(json.dumps(column.to_pylist(), default=str).encode()).hexdigest()[:16]
 
 
-def _clean(value):
+# Keys of an `executor` object that name a place on this machine (the Linear SimLens folder).
+MACHINE_PATHS = {"linear"}
+
+
+def _clean(value, parent: str = ""):
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items() if k not in VOLATILE}
+        return {k: _clean(v, k) for k, v in value.items()
+                if k not in VOLATILE and not (parent == "executor" and k in MACHINE_PATHS)}
     if isinstance(value, list):
-        return [_clean(v) for v in value]
+        return [_clean(v, parent) for v in value]
     return value
 
 
