@@ -71,7 +71,7 @@ def evaluate_batch(
     device = model.cfg.device
     tokens, lengths = pad_right([e.tokens for e in rows], ctx.pad_id, device)
     slots = collect_slots(model, tokens, lengths, points, extra)
-    lens_batch = LensBatch(model, slots, len(batch), torch.tensor(indices + aux))
+    lens_batch = LensBatch(model, slots, len(batch), torch.tensor(indices + aux), lenses=tuple(lenses))
 
     b = len(batch)
     final_logits = unembed(model, slots.a[-1, :b])  # float32, on the unembedding's device

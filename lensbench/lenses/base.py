@@ -36,6 +36,10 @@ class LensBatch:
     slots: SlotResiduals
     n_primary: int
     example_index: Int[Tensor, " row"]  # data-set index of each row
+    # The lenses asked for this batch together (`evaluate_batch`): siblings that may share work,
+    # which they keep in `memo` for one another (it lives as long as the batch).
+    lenses: tuple = ()
+    memo: dict = field(default_factory=dict, repr=False)
 
     def row_of(self, indices: Int[Tensor, " sel"]) -> Int[Tensor, " sel"]:
         lookup = {int(i): r for r, i in enumerate(self.example_index.tolist())}

@@ -84,8 +84,6 @@ class SimLens(Lens):
                 # A cyclic shift of a random order: a derangement, so no example is its own donor.
                 self._donor = {perm[i]: perm[(i + 1) % len(perm)] for i in range(len(perm))}
         self._start_token = self._cached_start_token(ctx)
-        if self._fusion_role() is not None:
-            ctx.shared("simlens_fusion", list).append(self)
 
     def _cached_start_token(self, ctx: RunContext) -> int | None:
         """The token whose own states fill the `[s]` slot at every point, when the
@@ -120,18 +118,19 @@ class SimLens(Lens):
         that keep `[a]` and either keep `[s]` as a start token's own state or drop it are all
         one-token queries at `[a]`: their sequences run through the same block calls (each
         block once per batch, not once per lens), an attention mask hiding `[s]` from the
-        "alone" ones (`continue_slots(alone=...)`). The first of them asked for a batch
-        computes all and keeps the others' outputs until they ask. Not with CUDA graphs, which
-        replay each lens's whole continuation already. None when there is nothing to share."""
+        "alone" ones (`continue_slots(alone=...)`). The siblings are the lenses asked for the
+        same batch (`LensBatch.lenses`); the first of them asked computes all and keeps the
+        others' outputs in the batch's memo. Not with CUDA graphs, which replay each lens's whole
+        continuation already. None when there is nothing to share."""
         ctx = self._ctx
         if (ctx is None or not ctx.fuse_continuations or self._fusion_role() is None
                 or continuation_graphs(ctx) is not None):
             return None
-        store = ctx.shared("simlens_fused", dict)
-        kept = store.pop(id(self), None)
-        if kept is not None and kept[0] is batch:
-            return kept[1]
-        siblings = [lens for lens in ctx.shared("simlens_fusion", list) if not lens.example_independent(batch)]
+        kept = batch.memo.pop(("simlens_fused", id(self)), None)
+        if kept is not None:
+            return kept
+        siblings = [lens for lens in batch.lenses if isinstance(lens, SimLens) and lens._ctx is ctx
+                    and lens._fusion_role() is not None and not lens.example_independent(batch)]
         pairs = [lens for lens in siblings if lens._fusion_role() == "pair"]
         if self not in siblings or not pairs:
             return None
@@ -160,7 +159,7 @@ class SimLens(Lens):
             if lens is self:
                 mine = output
             else:
-                store[id(lens)] = (batch, output)
+                batch.memo[("simlens_fused", id(lens))] = output
         return mine
 
     def start_kv(self) -> StartKV | None:

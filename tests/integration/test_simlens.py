@@ -290,13 +290,15 @@ def test_shared_continuation_stores_what_each_lens_alone_stores(request, model_n
         ctx = RunContext(model, readout_points(model), {e.index: e for e in encoded}, start, batch_size=3,
                          fuse_continuations=fuse)
         lenses = build_lenses("logit,simlens", 'drop-s,drop-a,a=swap,s=token:" the",s=zero,a=zero', "consecutive", [])
-        for lens in lenses:
+        others = build_lenses("simlens", "drop-s", "consecutive", [])  # prepared on the context, not asked for
+        for lens in lenses + others:
             lens.prepare(ctx)
         calls.clear()
         columns[fuse] = [evaluate_batch(model, lenses, ctx, batch).columns for batch in make_batches(encoded, 3)]
         rows = len(readout_points(model)) * 3  # one lens on one batch
         # fused: simlens, drop-s and a=swap in one call per batch (s=token has another start
-        # token, s=zero no start token's states; drop-a and a=zero are one row per point)
+        # token, s=zero no start token's states; drop-a and a=zero are one row per point; the
+        # lenses not asked for this batch are not computed with it)
         assert max(calls) == (3 * rows if fuse else rows), calls
     for fused, alone in zip(columns[True], columns[False]):
         for key in ("lens", "layer", "example_index", "decision", "topk_ids"):
