@@ -104,6 +104,9 @@ def iso_compute_curve(run_or_predictions, lens: str, budgets=None, *, examples: 
     return pd.DataFrame({"budget": budgets, "accuracy": accuracy, "layer": layer, "relative_budget": budgets / full})
 
 
+GAIN_BASELINES = ("logit", "tuned")  # the readouts SimLens's Iso-Compute gain is reported against
+
+
 def iso_compute_gain(run, lens: str = "simlens", baseline: str = "logit", n_budgets: int = 50, *,
                      examples: pd.DataFrame | None = None, unit: str = "layer-token", dims: ModelDims | None = None,
                      map_cost: float | None = None) -> dict:
@@ -142,7 +145,8 @@ def iso_compute_tables(predictions: pd.DataFrame, examples: pd.DataFrame, lenses
     """A run's Iso-Compute numbers, computed once for `lensbench report` and the app alike.
 
     Returns `unit`; `curves`: `iso_compute_curve` of each of `lenses` that has a cost model;
-    `gains`: `{"simlens_vs_logit": iso_compute_gain(...)}` when `lenses` has both; `full_cost`.
+    `gains`: `{"simlens_vs_logit": iso_compute_gain(...)}` when `lenses` has both, and
+    `"simlens_vs_tuned"` likewise against the tuned lens (charged its map); `full_cost`.
     map_cost: the run's Linear SimLens map cost (`exits.run_map_cost`; default 1/12).
     """
     curves = {}
@@ -153,7 +157,8 @@ def iso_compute_tables(predictions: pd.DataFrame, examples: pd.DataFrame, lenses
         except LensbenchError:
             continue
     gains = {}
-    if "simlens" in lenses and "logit" in lenses:
-        gains["simlens_vs_logit"] = iso_compute_gain(predictions, "simlens", "logit", n_budgets, examples=examples,
-                                                     unit=unit, dims=dims, map_cost=map_cost)
+    for baseline in GAIN_BASELINES:
+        if "simlens" in lenses and baseline in lenses:
+            gains[f"simlens_vs_{baseline}"] = iso_compute_gain(predictions, "simlens", baseline, n_budgets, examples=examples,
+                                                               unit=unit, dims=dims, map_cost=map_cost)
     return {"unit": unit, "curves": curves, "gains": gains, "full_cost": full_cost(predictions, examples, unit, dims)}

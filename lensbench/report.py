@@ -228,12 +228,13 @@ def format_report(report: dict, max_rows: int = 8, intervals: bool = False) -> s
         lines.append("(per-layer intervals: in report.json, or printed with --ci)")
     gains = report["iso_compute"]["gains"]
     lines.append("")
-    if "simlens_vs_logit" in gains:
-        g = gains["simlens_vs_logit"]
-        lines.append(f"Iso-Compute gain of SimLens over the logit lens ({g['unit']}): {g['gain'] * 100:+.2f}"
-                     f"{_points(g.get('gain_ci'))} points, "
-                     f"mean over {len(g['budgets'])} budgets from {g['relative_budgets'][0]:.3f} to 1.0 of the full model")
-    else:
+    for key, name in (("simlens_vs_logit", "the logit lens"), ("simlens_vs_tuned", "the tuned lens")):
+        if key in gains:
+            g = gains[key]
+            lines.append(f"Iso-Compute gain of SimLens over {name} ({g['unit']}): {g['gain'] * 100:+.2f}"
+                         f"{_points(g.get('gain_ci'))} points, "
+                         f"mean over {len(g['budgets'])} budgets from {g['relative_budgets'][0]:.3f} to 1.0 of the full model")
+    if "simlens_vs_logit" not in gains:
         lines.append("Iso-Compute gain: needs both the logit lens and SimLens in the run")
     policies = report["exits"]["policies"]
     if policies:

@@ -87,6 +87,31 @@ def test_a_lens_of_the_other_kind_is_refused(fitted, tmp_path, capsys):
     assert "none of the --linear folders holds a linear-simlens lens" in capsys.readouterr().err
 
 
+def test_report_gives_simlens_gain_over_the_tuned_lens(fitted, tmp_path, capsys):
+    """With the tuned lens in the run, the report gives SimLens's Iso-Compute gain over it too
+    (the tuned lens charged its map), with its interval, next to the gain over the logit lens."""
+    run = tmp_path / "run"
+    assert main(["eval", "--model", MODEL, "--task", "capitals@test", "--lenses", "logit,simlens,tuned",
+                 "--linear", str(fitted / "tuned"), "--out", str(run), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(run), "--bootstrap", "200"]) == 0
+    printed = capsys.readouterr().out
+    assert "Iso-Compute gain of SimLens over the logit lens" in printed
+    assert "Iso-Compute gain of SimLens over the tuned lens" in printed
+    report = json.loads((run / "report.json").read_text())
+    gains = report["iso_compute"]["gains"]
+    tuned = gains["simlens_vs_tuned"]
+    assert "simlens_vs_logit" in gains
+    assert (tuned["lens"], tuned["baseline"]) == ("simlens", "tuned")
+    # the baseline's accuracy at each budget is the tuned lens's accuracy at the layer it reaches
+    by_layer = dict(zip(report["per_layer"]["tuned"]["layer"], report["per_layer"]["tuned"]["accuracy"]))
+    for layer, acc in zip(tuned["baseline_layer"], tuned["baseline_accuracy"]):
+        if layer is not None and layer >= 0:
+            assert acc == pytest.approx(by_layer[layer])
+    lo, hi = tuned["gain_ci"]
+    assert lo <= tuned["gain"] <= hi
+
+
 def test_report_and_calibrate(fitted, tmp_path, capsys):
     runs = {}
     for part in ("calib", "test"):
