@@ -473,7 +473,7 @@ def report(res: dict) -> str:
                              f"{row['eager_wall_clock_speedup']:.2f}x")
             if "attainable_wall_clock_speedup" in row:
                 lines.append(f"           attainable with free exit decisions: {row['attainable_wall_clock_speedup']:.2f}x "
-                             f"(prompt blocks to the exit layer + the measured two-token continuation)")
+                             f"(prompt blocks to the exit layer + the measured continuation)")
     checks = [
         ("sweep/plain", r.get("sweep_ablations_over_plain"), "<=", TARGETS["sweep_over_plain"]),
         ("naive/sweep", r.get("naive_ablations_over_sweep_ablations"), ">=", TARGETS["naive_over_sweep"]),

@@ -95,8 +95,8 @@ def attainable_speedup(model, executor: SimExitExecutor, full_seconds: float, ex
                        repeats: int = 3) -> dict:
     """The batch-size-1 wall-clock speedup SimExit would reach if deciding to exit cost
     nothing: per example, the full model's time times l/L (its prompt blocks up to its exit
-    layer l; examples are taken as equally long) plus the two-token continuation from l, timed
-    as the executor runs it. Layer-token accounting counts a two-token block as 2/T of a
+    layer l; examples are taken as equally long) plus the continuation from l (`[a]` against
+    the cached `[s]`), timed as the executor runs it. Layer-token accounting counts a two-token block as 2/T of a
     prompt block; on a GPU it still reads every weight of the block, which is what separates
     this bound from the layer-token speedup. `wall / attainable` is the executor's own
     overhead (the checks and their synchronisation)."""
@@ -148,6 +148,6 @@ def speed_table(rows: list[dict]) -> str:
             lines.append(f"{'':>5} {'':>9} {r['no_refill_exit_seconds']:>9.3f} {r['no_refill_wall_clock_speedup']:>12.2f} "
                          f"without refill ({r['no_refill_block_calls']} block calls)")
     lines.append("attainable: the batch-1 speedup if exit decisions were free (prompt blocks to the exit layer + the "
-                 "measured two-token continuation); wall/lt: wall-clock / layer-token speedup; calls: SimExit's "
+                 "measured continuation); wall/lt: wall-clock / layer-token speedup; calls: SimExit's "
                  "prompt block calls / the full model's")
     return "\n".join(lines)
