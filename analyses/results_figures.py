@@ -59,6 +59,9 @@ JOBS: tuple[Job, ...] = (
     # qwen2.5-coder-1.5b on ARC-Easy, ARC-Challenge, BoolQ and MedMCQA (CPU).
     Job("qwen15", PER_RUN, (f"{CPU15}/*-arc-easy-test-test", f"{CPU15}/*-arc-challenge-test", f"{CPU15}/*-boolq-test",
                             f"{CPU15}/*-medmcqa-test"), out="qwen2.5-coder-1.5b"),
+    # qwen2.5-coder-1.5b ARC-Easy with the tuned-lens baseline (candidate KL): logit, SimLens, tuned.
+    Job("qwen15-tuned", ("per_layer", "iso_compute"), (f"{CPU15}/*-arc-easy-test-tuned-test",),
+        out="qwen2.5-coder-1.5b-tuned"),
     # Across model sizes: every shipped model's ARC-Easy test run, and the other tasks stored.
     Job("sizes", ("sizes",), ("results/cpu-sizes", f"{H200}/*-arc-easy-test-test", f"{CPU15}/*-arc-easy-test-test",
                               f"{CPU05}/*-arc-challenge-test-test", f"{CPU15}/*-arc-challenge-test")),
