@@ -104,6 +104,14 @@ class StartKV:
         self.keys = [entry.past_keys for entry in cache.entries]  # per block: (1, 1, kv_head, d_head)
         self.values = [entry.past_values for entry in cache.entries]
 
+    @classmethod
+    def of(cls, states: dict, model, token_id: int) -> "StartKV":
+        """`token_id`'s `StartKV` from `states` (token -> StartKV), made there on first use."""
+        token_id = int(token_id)
+        if token_id not in states:
+            states[token_id] = cls(model, token_id)
+        return states[token_id]
+
     def entry(self, k: int, n: int):
         """Block k's frozen cache entry for `n` one-token queries at position 1."""
         from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry

@@ -300,6 +300,13 @@ class EncodedExample:
         return len(self.tokens) - 1
 
 
+def shared_start_token(examples) -> int | None:
+    """The start token all of `examples` (`EncodedExample`s) begin with, or None when they
+    begin with different tokens (or there are none)."""
+    firsts = {e.tokens[0] for e in examples}
+    return int(next(iter(firsts))) if len(firsts) == 1 else None
+
+
 def start_token_id(tokenizer, start_token: str | None = None) -> int:
     """`[s]`: the given token text, else the tokenizer's BOS, else its EOS (METHOD.md)."""
     if start_token is not None:

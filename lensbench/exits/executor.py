@@ -20,7 +20,7 @@ from lensbench.exits.simulate import threshold_vector
 from lensbench.lenses.linear import CONFIG_FILE, LinearLens
 from lensbench.readout import ReadoutPoint, block_device, pad_candidates, pad_right, unembed
 from lensbench.readout import entropy as readout_entropy
-from lensbench.tasks import make_batches
+from lensbench.tasks import make_batches, shared_start_token
 
 
 @dataclass
@@ -330,13 +330,10 @@ class SimExitExecutor:
     def _start_of(self, examples) -> StartKV | None:
         """The start token's cached keys and values when every example starts with the same
         token and positions are consecutive (`StartKV`: `[a]` alone runs the continuation)."""
-        firsts = {e.tokens[0] for e in examples}
-        if self.positions != "consecutive" or len(firsts) != 1:
+        token = shared_start_token(examples)
+        if self.positions != "consecutive" or token is None:
             return None
-        token = int(next(iter(firsts)))
-        if token not in self._starts:
-            self._starts[token] = StartKV(self.model, token)
-        return self._starts[token]
+        return StartKV.of(self._starts, self.model, token)
 
     def _confidence_input(self, layer: int, s: Tensor, h: Tensor, lengths: Tensor) -> Tensor:
         return self._policy.confidence(self, layer, s, h, lengths)

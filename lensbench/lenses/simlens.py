@@ -14,6 +14,7 @@ from lensbench.errors import LensbenchError
 from lensbench.lenses.ablation import POSITION_MODES, Ablation, SlotSource, parse_ablations
 from lensbench.lenses.base import Lens, LensBatch, LensOptions, LensOutput, RunContext, register
 from lensbench.readout import collect_slots
+from lensbench.tasks import shared_start_token
 
 
 def continuation_graphs(ctx: RunContext) -> ContinuationGraphs | None:
@@ -97,8 +98,7 @@ class SimLens(Lens):
         if src.kind == "token":
             return int(ctx.model.tokenizer.encode(src.arg, add_special_tokens=False)[0])
         if src.kind in ("self", "example", "swap"):
-            firsts = {e.tokens[0] for e in ctx.examples.values()}
-            return int(next(iter(firsts))) if len(firsts) == 1 else None
+            return shared_start_token(ctx.examples.values())
         return None
 
     def _fusion_role(self) -> str | None:
@@ -166,10 +166,7 @@ class SimLens(Lens):
         """The cached start token of this lens's continuation (shared by the run's lenses)."""
         if self._start_token is None or self._ctx is None:
             return None
-        states = self._ctx.start_states
-        if self._start_token not in states:
-            states[self._start_token] = StartKV(self._ctx.model, self._start_token)
-        return states[self._start_token]
+        return StartKV.of(self._ctx.start_states, self._ctx.model, self._start_token)
 
     def donors(self, example_indices: list[int]) -> list[int]:
         fixed = [src.arg for _, src in self.ablation.slots if src.kind == "example"]
@@ -234,7 +231,7 @@ class SimLens(Lens):
         if self._ctx is None:
             return False
         examples = [self._ctx.examples.get(int(i)) for i in batch.example_index[: batch.n_primary].tolist()]
-        return all(e is not None for e in examples) and len({e.tokens[0] for e in examples}) == 1
+        return all(e is not None for e in examples) and shared_start_token(examples) is not None
 
     def final_residuals(self, batch: LensBatch) -> LensOutput:
         shared = self.example_independent(batch)
