@@ -104,7 +104,8 @@ def iso_compute_curve(run_or_predictions, lens: str, budgets=None, *, examples: 
     return pd.DataFrame({"budget": budgets, "accuracy": accuracy, "layer": layer, "relative_budget": budgets / full})
 
 
-GAIN_BASELINES = ("logit", "tuned")  # the readouts SimLens's Iso-Compute gain is reported against
+# the readouts SimLens's Iso-Compute gain is reported against (`gains["simlens_vs_<name>"]`), with how reports name them
+GAIN_BASELINES = {"logit": "the logit lens", "tuned": "the tuned lens"}
 
 
 def iso_compute_gain(run, lens: str = "simlens", baseline: str = "logit", n_budgets: int = 50, *,

@@ -228,9 +228,9 @@ def format_report(report: dict, max_rows: int = 8, intervals: bool = False) -> s
         lines.append("(per-layer intervals: in report.json, or printed with --ci)")
     gains = report["iso_compute"]["gains"]
     lines.append("")
-    for key, name in (("simlens_vs_logit", "the logit lens"), ("simlens_vs_tuned", "the tuned lens")):
-        if key in gains:
-            g = gains[key]
+    for baseline, name in compute.GAIN_BASELINES.items():
+        if f"simlens_vs_{baseline}" in gains:
+            g = gains[f"simlens_vs_{baseline}"]
             lines.append(f"Iso-Compute gain of SimLens over {name} ({g['unit']}): {g['gain'] * 100:+.2f}"
                          f"{_points(g.get('gain_ci'))} points, "
                          f"mean over {len(g['budgets'])} budgets from {g['relative_budgets'][0]:.3f} to 1.0 of the full model")
