@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from lensbench.errors import LensbenchError
+from lensbench.layout import relayout_plan, save_aligned
 
 
 def cache_root() -> Path:
@@ -77,7 +78,6 @@ def _convert_to_cache(source: Path, kind: str, sha: str, n_ctx: int, tl_name: st
     from transformers import AutoModelForCausalLM, AutoTokenizer
     import transformer_lens.loading_from_pretrained as loading
     from transformer_lens import HookedTransformer
-    from safetensors.torch import save_file
 
     if kind == "gguf":
         check_gguf(source)
@@ -123,10 +123,14 @@ def _convert_to_cache(source: Path, kind: str, sha: str, n_ctx: int, tl_name: st
         )
         del state
         _fold_value_biases(model)
-        params = {k: v.contiguous() for k, v in model.named_parameters()}
-        save_file(params, str(staging / "model.safetensors"))
+        # The weights TransformerLens re-lays out per call are written in that layout (meta's
+        # "layout") and aligned as in memory, so that loading takes them as views of the file.
+        layout = relayout_plan(model)
+        params = {k: (v.permute(*layout[k]) if k in layout else v).contiguous() for k, v in model.named_parameters()}
+        save_aligned(params, str(staging / "model.safetensors"))
         meta = dict(source=str(source), sha256=sha, kind=kind, n_ctx=n_ctx,
-                    architecture=hf_config.architectures[0], tl_name=tl_name)
+                    architecture=hf_config.architectures[0], tl_name=tl_name,
+                    layout={k: list(perm) for k, perm in layout.items()})
         (staging / "meta.json").write_text(json.dumps(meta, indent=2))
         _open_to_others(staging)
         try:

@@ -32,6 +32,7 @@ import torch
 
 from lensbench.convert import _convert_to_cache, _fold_value_biases, _tl_config, cache_root  # noqa: F401
 from lensbench.errors import LensbenchError
+from lensbench.layout import aligned, in_layout, inverse_permutation, relayout_plan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MODEL = "smollm2-135m"
@@ -279,14 +280,29 @@ def _load_cached(folder: Path, device: str, dtype: torch.dtype, n_ctx: int, n_de
     with warnings.catch_warnings(), shared_rotary_tables():
         warnings.simplefilter("ignore")
         model = HookedTransformer(cfg, tokenizer, move_to_device=False, default_padding_side="right")
-    # The parameters become the file's tensors (assign=True: mapped, copy-on-write, no copy),
-    # except the weights `relayout_weights` would re-lay out: those are copied once, into that
-    # layout and the dtype, here (so `relayout_weights` in load_model finds nothing to do).
+    # The parameters become the file's tensors (assign=True: mapped, copy-on-write, no copy).
+    # A cache written since 2026-12-01 holds the weights `relayout_weights` re-lays out in that
+    # layout (`meta["layout"]`: name -> permutation), aligned as PyTorch aligns a fresh copy
+    # (lensbench.layout), so they too are used from the file. A weight stored otherwise (an older
+    # cache), not aligned, or asked for in another dtype, is copied once, into that layout and
+    # the dtype, here: `relayout_weights` finds nothing to do; any other tensor not aligned is
+    # copied too. Either way the same values with the same strides and alignment, so the same
+    # arithmetic to the last bit whichever file it came from.
     state = load_file(str(folder / "model.safetensors"))
-    for name, perm in _relayout_plan(model).items():
-        if name in state:
-            state[name] = _in_layout(state[name], perm, dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    stored = {name: tuple(perm) for name, perm in meta.get("layout", {}).items() if name in state}
+    for name, perm in stored.items():
+        state[name] = state[name].permute(*inverse_permutation(perm))
+    plan = relayout_plan(model)
+    for name, tensor in state.items():
+        if name in plan:
+            if stored.get(name) != plan[name] or tensor.dtype != dtype or not aligned(tensor):
+                state[name] = in_layout(tensor, plan[name], dtype)
+        elif not aligned(tensor):
+            state[name] = tensor.to(dtype, copy=True)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError:  # a shape that does not match
+        missing, unexpected = [], ["?"]
     buffers = {name for name, _ in model.named_buffers(remove_duplicate=False)}  # the rotary tables are shared
     if unexpected or set(missing) - buffers:
         raise LensbenchError(f"cached model in {folder} does not match this TransformerLens version; delete it to reconvert")
@@ -363,7 +379,7 @@ def _fill_random(model, seed: int, preset_ctx: int) -> None:
     `relayout_weights` would re-lay out is drawn straight into that layout (its own storage,
     viewed in the order TransformerLens reads it), so nothing is copied afterwards."""
     std = model.cfg.initializer_range
-    layouts = _relayout_plan(model)
+    layouts = relayout_plan(model)
     for name, param in sorted(model.named_parameters()):
         if "W_" not in name:  # norm weights (ones) and biases (zeros) are as TransformerLens built them
             continue
@@ -371,7 +387,7 @@ def _fill_random(model, seed: int, preset_ctx: int) -> None:
             perm = layouts[name]
             stored = param.data.view(-1).view(param.permute(*perm).shape)  # the same (unfilled) memory
             stored.normal_(0, std, generator=_param_generator(seed, name, param.device))
-            param.data = stored.permute(*_inverse(perm))
+            param.data = stored.permute(*inverse_permutation(perm))
         elif name == "pos_embed.W_pos" and param.shape[0] != preset_ctx:
             rows = param.new_empty(preset_ctx, param.shape[1]).normal_(0, std, generator=_param_generator(seed, name, param.device))
             if param.shape[0] > preset_ctx:
@@ -453,47 +469,7 @@ def load_model(
     return model, info
 
 
-# --- weight layout -----------------------------------------------------------------------------
-
-# (parameter path suffix, the permutation TransformerLens applies before its F.linear). TL 3.9
-# rearranges or transposes each of these weights and calls `.contiguous()` on every forward,
-# which copies the whole matrix: three reads of every weight per call instead of one. Stored in
-# the layout that rearrangement produces, the same calls return views and `.contiguous()` is a
-# no-op, with bit-identical results (F.linear sees the same contiguous matrix as before).
-_LAYOUTS = {
-    "attn.W_Q": (0, 2, 1), "attn.W_K": (0, 2, 1), "attn.W_V": (0, 2, 1),  # (h, d_model, d_head) -> (h d_head) d_model
-    "attn._W_K": (0, 2, 1), "attn._W_V": (0, 2, 1),  # grouped-query attention
-    "attn.W_O": (2, 0, 1),  # (h, d_head, d_model) -> d_model (h d_head)
-    "mlp.W_gate": (1, 0), "mlp.W_in": (1, 0), "mlp.W_out": (1, 0),  # gated MLP: W.T.contiguous()
-    "unembed.W_U": (1, 0),
-}
-
-
-def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(sorted(range(len(perm)), key=perm.__getitem__))
-
-
-def _relayout_plan(model) -> dict[str, tuple[int, ...]]:
-    """{parameter name: the permutation TransformerLens applies to it per call} for the weights
-    `relayout_weights` stores in that layout."""
-    from transformer_lens.components.mlps.gated_mlp import GatedMLP
-
-    plan = {}
-    for name, param in model.named_parameters():
-        suffix = next((key for key in _LAYOUTS if name == key or name.endswith("." + key)), None)
-        if suffix is None or param.dim() != len(_LAYOUTS[suffix]):
-            continue
-        if suffix.startswith("mlp.") and not isinstance(model.get_submodule(name.rsplit(".", 1)[0]), GatedMLP):
-            continue
-        plan[name] = _LAYOUTS[suffix]
-    return plan
-
-
-def _in_layout(tensor: torch.Tensor, perm: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
-    """`tensor` (cast to `dtype`) stored so that `.permute(*perm)` is contiguous: one copy."""
-    target = tensor.permute(*perm)
-    out = torch.empty(target.shape, dtype=dtype or tensor.dtype, device=tensor.device)
-    return out.copy_(target).permute(*_inverse(perm))
+# --- weight layout (lensbench.layout) ---------------------------------------------------------
 
 
 def relayout_weights(model) -> int:
@@ -505,10 +481,10 @@ def relayout_weights(model) -> int:
     """
     changed = 0
     params = dict(model.named_parameters())
-    for name, perm in _relayout_plan(model).items():
+    for name, perm in relayout_plan(model).items():
         param = params[name]
         if not param.data.permute(*perm).is_contiguous():
-            param.data = _in_layout(param.data, perm)
+            param.data = in_layout(param.data, perm)
             changed += 1
     return changed
 

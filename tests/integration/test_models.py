@@ -94,6 +94,61 @@ def test_transformers_folder_is_converted_cached_and_keyed_by_content(tmp_path, 
     assert (changed(tokens) - hf(tokens).logits).abs().max().item() < 1e-4
 
 
+def test_cache_holds_the_relaid_weights_in_layout_and_older_caches_load_the_same(tmp_path, monkeypatch, tokenizer):
+    """A converted checkpoint stores each weight TransformerLens re-lays out per call in that
+    layout (named in meta.json), so the load takes it as a view of the file; a cache written
+    before (every tensor in TransformerLens's own shape, no "layout") loads to the same values
+    and strides, and both give the transformers model's logits."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("LENSBENCH_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny-llama"
+    hf = _tiny_hf_llama(folder, tokenizer)
+    model, _ = models.load_model(str(folder), n_ctx=512)
+    (cache,) = (tmp_path / "cache" / "models").iterdir()
+    meta = json.loads((cache / "meta.json").read_text())
+    layout = {name: tuple(perm) for name, perm in meta["layout"].items()}
+    # what TransformerLens re-lays out in this model: q/k/v/o of 3 blocks, the gated MLP's three, W_U
+    assert len(layout) == 3 * (4 + 3) + 1 and "unembed.W_U" in layout and "blocks.2.mlp.W_gate" in layout
+    params = dict(model.named_parameters())
+    file = load_file(str(cache / "model.safetensors"))
+    for name, perm in layout.items():
+        assert file[name].shape == params[name].permute(*perm).shape  # stored as TransformerLens reads it
+        assert torch.equal(file[name], params[name].permute(*perm)) and params[name].permute(*perm).is_contiguous(), name
+    # used in place: inside the file's mapping, where a fresh copy would be aligned
+    mapped = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in Path("/proc/self/maps").read_text().splitlines()
+              if line.endswith(str(cache / "model.safetensors"))]
+    for name in layout:
+        ptr = params[name].data_ptr()
+        assert any(lo <= ptr < hi for lo, hi in mapped) and ptr % 64 == 0, name
+    tokens = torch.tensor([[1, 504, 3575, 282, 4649, 314]])
+    with torch.inference_mode():
+        new_logits = model(tokens)
+    assert (new_logits - hf(tokens).logits).abs().max().item() < 1e-4
+
+    # An older cache: the same tensors in TransformerLens's shapes, contiguous, no "layout".
+    old = {name: (t.permute(*[layout[name].index(i) for i in range(t.dim())]) if name in layout else t).contiguous()
+           for name, t in file.items()}
+    assert old["unembed.W_U"].shape == params["unembed.W_U"].shape
+    del meta["layout"]
+    (cache / "meta.json").write_text(json.dumps(meta))
+    save_file(old, str(cache / "model.safetensors"))
+    older, _ = models.load_model(str(folder), n_ctx=512)
+    for name, param in older.named_parameters():
+        assert torch.equal(param, params[name]) and param.stride() == params[name].stride(), name
+    assert models.relayout_weights(older) == 0
+    with torch.inference_mode():
+        assert torch.equal(older(tokens), new_logits)
+
+    # A layout that does not fit the model is a clear error, not a wrong model.
+    meta["layout"] = {"unembed.W_U": [0, 1], "blocks.0.attn.W_Q": [1, 0, 2]}
+    (cache / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(LensbenchError, match="does not match"):
+        models.load_model(str(folder), n_ctx=512)
+
+
 def test_interrupted_conversion_leaves_no_cache_entry(tmp_path, monkeypatch, tokenizer):
     monkeypatch.setenv("LENSBENCH_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "tiny-llama"
@@ -102,9 +157,9 @@ def test_interrupted_conversion_leaves_no_cache_entry(tmp_path, monkeypatch, tok
     def explode(*args, **kwargs):
         raise KeyboardInterrupt
 
-    import safetensors.torch
+    from lensbench import convert
 
-    monkeypatch.setattr(safetensors.torch, "save_file", explode)
+    monkeypatch.setattr(convert, "save_aligned", explode)
     with pytest.raises(KeyboardInterrupt):
         models.load_model(str(folder), n_ctx=512)
     root = tmp_path / "cache" / "models"
@@ -178,6 +233,8 @@ def test_cached_model_holds_the_files_weights_in_dtype_and_layout(embedded, dtyp
     """The load (the file's tensors taken as they are, the re-laid-out weights copied once, no
     TransformerLens `.to`) gives the file's values in the dtype asked for, every weight
     TransformerLens re-lays out already in that layout, and the embedded fixture's logits."""
+    import json
+
     from safetensors.torch import load_file
 
     model, _ = models.load_model("smollm2-135m", dtype=dtype) if dtype != "float32" else embedded
@@ -185,10 +242,12 @@ def test_cached_model_holds_the_files_weights_in_dtype_and_layout(embedded, dtyp
     gguf = models.shipped_gguf_path("smollm2-135m")
     folder = models._convert_to_cache(gguf, "gguf", models._sha256(gguf), models.DEFAULT_N_CTX)  # the cached copy
     stored = load_file(str(folder / "model.safetensors"))
+    layout = json.loads((folder / "meta.json").read_text()).get("layout", {})  # weights stored as TL reads them
     params = dict(model.named_parameters())
     assert params.keys() == stored.keys()
     for name, tensor in stored.items():
-        assert params[name].dtype == torch_dtype and torch.equal(params[name], tensor.to(torch_dtype)), name
+        ours = params[name].permute(*layout[name]) if name in layout else params[name]
+        assert params[name].dtype == torch_dtype and torch.equal(ours, tensor.to(torch_dtype)), name
     floating = {b.dtype for b in model.buffers() if b.is_floating_point()}
     assert floating == {torch_dtype} and model.cfg.dtype == torch_dtype
     assert models.relayout_weights(model) == 0  # nothing left to re-lay out
