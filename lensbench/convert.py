@@ -126,7 +126,9 @@ def _convert_to_cache(source: Path, kind: str, sha: str, n_ctx: int, tl_name: st
         # The weights TransformerLens re-lays out per call are written in that layout (meta's
         # "layout") and aligned as in memory, so that loading takes them as views of the file.
         layout = relayout_plan(model)
-        params = {k: (v.permute(*layout[k]) if k in layout else v).contiguous() for k, v in model.named_parameters()}
+        # (views: `save_aligned` makes each contiguous as it writes it, one at a time, so a 1.5B
+        # model is not held twice)
+        params = {k: v.detach().permute(*layout[k]) if k in layout else v.detach() for k, v in model.named_parameters()}
         save_aligned(params, str(staging / "model.safetensors"))
         meta = dict(source=str(source), sha256=sha, kind=kind, n_ctx=n_ctx,
                     architecture=hf_config.architectures[0], tl_name=tl_name,

@@ -68,7 +68,8 @@ def save_aligned(tensors: dict[str, torch.Tensor], path: str) -> None:
     (`PAGE`) from the file's start, as far as their sizes allow: the header is padded with
     spaces (as the format allows), tensors whose sizes are multiples of `PAGE` come first, then
     those of `ALIGN`, then the rest. A mapped load can use the aligned ones in place (`aligned`).
-    Readable by `safetensors.torch.load_file` like any other file."""
+    Readable by `safetensors.torch.load_file` like any other file. A tensor that is a view is
+    written as its values, made contiguous one tensor at a time (no second copy of the whole)."""
     def nbytes(t):
         return t.numel() * t.element_size()
 
