@@ -299,13 +299,14 @@ def _load_cached(folder: Path, device: str, dtype: torch.dtype, n_ctx: int, n_de
                 state[name] = in_layout(tensor, plan[name], dtype)
         elif not aligned(tensor):
             state[name] = tensor.to(dtype, copy=True)
+    mismatch = LensbenchError(f"cached model in {folder} does not match this TransformerLens version; delete it to reconvert")
     try:
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError:  # a shape that does not match
-        missing, unexpected = [], ["?"]
+    except RuntimeError:  # a tensor of another shape
+        raise mismatch from None
     buffers = {name for name, _ in model.named_buffers(remove_duplicate=False)}  # the rotary tables are shared
     if unexpected or set(missing) - buffers:
-        raise LensbenchError(f"cached model in {folder} does not match this TransformerLens version; delete it to reconvert")
+        raise mismatch
     # What TransformerLens's `model.to(dtype)` does, without its loop that calls `state_dict()`
     # once per entry and discards the result (seconds for a 30-block model).
     model.cfg.dtype = dtype
