@@ -130,9 +130,12 @@ def _convert_to_cache(source: Path, kind: str, sha: str, n_ctx: int, tl_name: st
         # model is not held twice)
         params = {k: v.detach().permute(*layout[k]) if k in layout else v.detach() for k, v in model.named_parameters()}
         save_aligned(params, str(staging / "model.safetensors"))
+        from lensbench.store import versions  # (here: pyarrow stays out of a model load's imports)
+
         meta = dict(source=str(source), sha256=sha, kind=kind, n_ctx=n_ctx,
                     architecture=hf_config.architectures[0], tl_name=tl_name,
-                    layout={k: list(perm) for k, perm in layout.items()})
+                    layout={k: list(perm) for k, perm in layout.items()},
+                    converted_with={**versions(), "threads": torch.get_num_threads()})
         (staging / "meta.json").write_text(json.dumps(meta, indent=2))
         _open_to_others(staging)
         try:

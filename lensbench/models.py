@@ -429,6 +429,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
     spec = spec.strip()
     source_sha = None
+    folder = None  # a converted checkpoint's cache folder
     if spec.startswith("random:"):
         _, preset, *rest = spec.split(":")
         if len(rest) > 1 or rest and not (rest[0].isascii() and rest[0].isdigit() and int(rest[0]) < 2**32):
@@ -440,13 +441,12 @@ def load_model(
         path = shipped_gguf_path(spec)
         source_sha = _sha256(path)
         folder = _convert_to_cache(path, "gguf", source_sha, n_ctx, SHIPPED[spec].tl_name)
-        model = _load_cached(folder, device, torch_dtype, n_ctx, n_devices)
     elif spec.endswith(".gguf"):
         path = Path(spec)
         if not path.is_file():
             raise LensbenchError(f"GGUF file not found: {spec}")
         source_sha = _sha256(path)
-        model = _load_cached(_convert_to_cache(path, "gguf", source_sha, n_ctx), device, torch_dtype, n_ctx, n_devices)
+        folder = _convert_to_cache(path, "gguf", source_sha, n_ctx)
     elif Path(spec).is_dir():
         path = Path(spec)
         if not (path / "config.json").exists():
@@ -457,15 +457,22 @@ def load_model(
             digest.update(f.name.encode())
             digest.update(_sha256(f).encode())
         source_sha = digest.hexdigest()
-        model = _load_cached(_convert_to_cache(path, "hf", source_sha, n_ctx), device, torch_dtype, n_ctx, n_devices)
+        folder = _convert_to_cache(path, "hf", source_sha, n_ctx)
     else:
         model = _load_official(spec, device, torch_dtype)
+    extra = {}
+    if folder is not None:
+        model = _load_cached(folder, device, torch_dtype, n_ctx, n_devices)
+        # what converted the weights (their last bits can depend on it; older caches do not say)
+        converted_with = json.loads((folder / "meta.json").read_text()).get("converted_with")
+        if converted_with:
+            extra["converted_with"] = converted_with
     if model.cfg.positional_embedding_type == "shortformer":
         raise LensbenchError(f"model '{spec}' uses shortformer positions, which lensbench does not support")
     relayout_weights(model)
     info = ModelInfo(
         spec=spec, source_sha256=source_sha, n_layers=model.cfg.n_layers, d_model=model.cfg.d_model,
-        architecture=str(model.cfg.original_architecture), dtype=dtype, device=device,
+        architecture=str(model.cfg.original_architecture), dtype=dtype, device=device, extra=extra,
     )
     return model, info
 

@@ -172,15 +172,24 @@ def list_runs(root: str | Path) -> list[Run | tuple[Path, str]]:
 
 
 def versions() -> dict:
-    from importlib.metadata import version
+    """The versions that decide a run's numbers: lensbench, TransformerLens, torch, Python, and
+    the packages a checkpoint is converted with (transformers, gguf, numpy; the last bits of a
+    converted model's weights can depend on them). A package that is not installed is left out."""
+    from importlib.metadata import PackageNotFoundError, version
 
     import torch
 
     import lensbench
 
-    return {
+    found = {
         "lensbench": lensbench.__version__,
         "transformer_lens": version("transformer-lens"),
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
+    for package in ("transformers", "gguf", "numpy"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found

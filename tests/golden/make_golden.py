@@ -69,8 +69,8 @@ def make(out: Path) -> None:
             raise RuntimeError(f"lensbench {' '.join(argv)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
-# Keys that say when or how fast, not what: left out of the comparison.
-VOLATILE = {"created", "collect_seconds", "fit_seconds", "versions"}
+# Keys that say when or how fast, or with which package versions, not what: left out of the comparison.
+VOLATILE = {"created", "collect_seconds", "fit_seconds", "versions", "converted_with"}
 
 
 def _column_digest(column) -> str:

@@ -149,6 +149,32 @@ def test_cache_holds_the_relaid_weights_in_layout_and_older_caches_load_the_same
         models.load_model(str(folder), n_ctx=512)
 
 
+def test_conversion_records_what_converted_it_and_runs_carry_it(tmp_path, monkeypatch, tokenizer):
+    """A converted checkpoint's last bits can depend on the packages that converted it: the
+    cache's meta.json names them (and the thread count), a loaded model's info carries them
+    into a run's manifest, and a cache written before says nothing (no made-up versions)."""
+    import json
+    from importlib.metadata import version
+
+    monkeypatch.setenv("LENSBENCH_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny-llama"
+    _tiny_hf_llama(folder, tokenizer)
+    _, info = models.load_model(str(folder), n_ctx=512)
+    (cache,) = (tmp_path / "cache" / "models").iterdir()
+    meta = json.loads((cache / "meta.json").read_text())
+    recorded = meta["converted_with"]
+    assert recorded["torch"] == torch.__version__
+    for package in ("transformers", "numpy", "transformer-lens"):
+        assert recorded[package.replace("-", "_")] == version(package), package
+    assert recorded["threads"] == torch.get_num_threads()
+    assert info.extra["converted_with"] == recorded and info.to_dict()["extra"]["converted_with"] == recorded
+
+    del meta["converted_with"]  # a cache from before this record
+    (cache / "meta.json").write_text(json.dumps(meta))
+    _, older = models.load_model(str(folder), n_ctx=512)
+    assert "converted_with" not in older.extra
+
+
 def test_interrupted_conversion_leaves_no_cache_entry(tmp_path, monkeypatch, tokenizer):
     monkeypatch.setenv("LENSBENCH_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "tiny-llama"
