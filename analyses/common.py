@@ -81,6 +81,11 @@ def formats_of(args) -> tuple[str, ...]:
     unknown = set(formats) - {"png", "html"}
     if unknown:
         raise SystemExit(f"unknown format(s) {', '.join(sorted(unknown))} (expected png, html)")
+    if "png" in formats:
+        from lensbench import figure_files
+
+        if figure_files.find_browser() is None:  # (kaleido would wait forever for one)
+            raise SystemExit(f"error: {figure_files.NO_BROWSER} (--formats html)")
     return formats
 
 

@@ -59,8 +59,8 @@ JOBS: tuple[Job, ...] = (
     # qwen2.5-coder-1.5b on ARC-Easy, ARC-Challenge, BoolQ and MedMCQA (CPU).
     Job("qwen15", PER_RUN, (f"{CPU15}/*-arc-easy-test-test", f"{CPU15}/*-arc-challenge-test", f"{CPU15}/*-boolq-test",
                             f"{CPU15}/*-medmcqa-test"), out="qwen2.5-coder-1.5b"),
-    # qwen2.5-coder-1.5b ARC-Easy with the tuned-lens baseline (candidate KL): logit, SimLens, tuned.
-    Job("qwen15-tuned", ("per_layer", "iso_compute"), (f"{CPU15}/*-arc-easy-test-tuned-test",),
+    # qwen2.5-coder-1.5b ARC-Easy and BoolQ with the tuned-lens baseline (candidate KL): logit, SimLens, tuned.
+    Job("qwen15-tuned", ("per_layer", "iso_compute"), (f"{CPU15}/*-arc-easy-test-tuned-test", f"{CPU15}/*-boolq-test-tuned-test"),
         out="qwen2.5-coder-1.5b-tuned"),
     # Across model sizes: every shipped model's ARC-Easy test run, and the other tasks stored.
     Job("sizes", ("sizes",), ("results/cpu-sizes", f"{H200}/*-arc-easy-test-test", f"{CPU15}/*-arc-easy-test-test",
@@ -146,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.bootstrap < 0:
         raise SystemExit("results_figures: --bootstrap must be >= 0")
+    if not args.dry_run:
+        from analyses import common
+
+        common.formats_of(args)  # a bad format, or PNGs without a browser: one line before any work
     todo = calls(args)
     for script, script_argv in todo:
         shown = " ".join(a if not a.startswith(str(args.root)) else str(Path(a).relative_to(args.root)) or "."

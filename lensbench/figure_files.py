@@ -11,6 +11,8 @@ from typing import Sequence
 
 import plotly.graph_objects as go
 
+from lensbench.errors import LensbenchError
+
 SYSTEM_CHROMIUM = "/usr/bin/chromium"
 
 
@@ -23,10 +25,32 @@ def _point_kaleido_at_system_chromium() -> None:
             os.environ["BROWSER_PATH"] = found
 
 
+def find_browser() -> str | None:
+    """The Chromium kaleido would drive for a PNG (BROWSER_PATH, the system's, or one
+    choreographer finds), or None. Without one kaleido does not fail: it waits forever."""
+    _point_kaleido_at_system_chromium()
+    named = os.environ.get("BROWSER_PATH")
+    if named:
+        return named if os.path.isfile(named) and os.access(named, os.X_OK) else None
+    try:
+        from choreographer.browsers.chromium import Chromium
+
+        return Chromium.find_browser(skip_local=False)
+    except Exception:  # another choreographer: nothing more to look for
+        return None
+
+
+NO_BROWSER = (f"PNG figures need Chromium (kaleido drives it): install it with `bash scripts/setup-browser.sh` "
+              f"(Debian's chromium at {SYSTEM_CHROMIUM}), set BROWSER_PATH, or write HTML only")
+
+
 @contextmanager
 def static_export():
-    """Keep one Chromium open for a batch of PNG exports (otherwise each starts its own)."""
-    _point_kaleido_at_system_chromium()
+    """Keep one Chromium open for a batch of PNG exports (otherwise each starts its own).
+    Without a browser nothing is started (`save_figure` then refuses a PNG)."""
+    if find_browser() is None:
+        yield
+        return
     try:
         import kaleido
 
@@ -55,7 +79,8 @@ def save_figure(fig: go.Figure, out_dir: str | Path, stem: str, formats: Sequenc
         fig.write_html(path, include_plotlyjs="directory", full_html=True)
         written.append(path)
     if "png" in formats:
-        _point_kaleido_at_system_chromium()
+        if find_browser() is None:
+            raise LensbenchError(NO_BROWSER)
         path = out_dir / f"{stem}.png"
         try:
             with warnings.catch_warnings():  # plotly passes options a running kaleido server ignores

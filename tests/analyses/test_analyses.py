@@ -219,6 +219,31 @@ def test_every_script_writes_valid_png_and_html(small_run, tmp_path):
     assert snapshot(small_run) == before
 
 
+def test_png_without_a_browser_is_a_one_line_error_not_a_hang(small_run, tmp_path, monkeypatch):
+    """Without a Chromium kaleido waits forever: every script refuses PNGs up front (one line,
+    nothing written), `save_figure` refuses them too, and HTML still works."""
+    import plotly.graph_objects as go
+
+    from lensbench import figure_files
+    from lensbench.errors import LensbenchError
+
+    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-such-chromium"))
+    assert figure_files.find_browser() is None
+    for script in FIGURES:
+        with pytest.raises(SystemExit, match="PNG figures need Chromium"):
+            run_script(script, [small_run], tmp_path / "out", "png")
+    from analyses import results_figures
+
+    with pytest.raises(SystemExit, match="PNG figures need Chromium"):
+        results_figures.main(["--only", "qwen15", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(LensbenchError, match="PNG figures need Chromium"):
+        figure_files.save_figure(go.Figure(), tmp_path / "out", "empty", ("png",))
+    with figure_files.static_export():  # starts nothing
+        written = run_script("per_layer", [small_run], tmp_path / "html", "html")
+    assert written and all(p.suffix == ".html" for p in written)
+
+
 def test_make_all_no_tuned_fits_and_evaluates_linear_simlens_only(tmp_path, capsys):
     from analyses import make_all
 

@@ -3,6 +3,7 @@ complete runs, a missing one is a one-line error, and a job draws what the scrip
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import sys
@@ -49,6 +50,9 @@ def test_a_glob_that_matches_nothing_is_a_one_line_error(tmp_path, monkeypatch):
     assert "nosuchjob" in str(exc.value)
 
 
+@pytest.mark.browser
+@pytest.mark.skipif(not (os.environ.get("BROWSER_PATH") or os.path.exists("/usr/bin/chromium") or shutil.which("chromium")),
+                    reason="PNG figures need Chromium: bash scripts/setup-browser.sh (make test installs it)")
 def test_a_job_writes_what_its_script_writes(small_run, tmp_path, monkeypatch):
     from analyses import per_layer
 
