@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -140,6 +141,20 @@ def test_report_and_calibrate(fitted, tmp_path, capsys):
     assert result["target"] == "fidelity" and result["policy"] == "linear-simlens"
     assert [t["batch_size"] for t in result["test"]["timings"]] == [1, 4]
     assert result["test"]["wall_clock_speedup"] > 0
+
+    # A run that does not record its Linear SimLens (manifests before `inputs`): the JSON names
+    # the --linear folder that was timed, not null.
+    older = tmp_path / "older-test"
+    shutil.copytree(runs["test"], older)
+    manifest = json.loads((older / "manifest.json").read_text())
+    manifest.pop("inputs")
+    manifest["config"]["linear"] = None
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    target = tmp_path / "older.json"
+    assert main(["calibrate", "--calib", str(runs["calib"]), "--test", str(older), "--target", "max-drop",
+                 "--measure-speed", "--batch-sizes", "1", "--repeats", "1", "--limit", "2", "--linear", str(fitted / "sim"),
+                 "--json", str(target)]) == 0
+    assert json.loads(target.read_text())["executor"]["linear"] == str((fitted / "sim").resolve())
 
     assert main(["calibrate", "--calib", str(runs["test"]), "--test", str(runs["test"])]) == 2
     assert "share" in capsys.readouterr().err
