@@ -60,8 +60,7 @@ def _differences(expected, actual, where: str = "", floats: tuple[dict, dict] = 
                 for d in _differences(e, a, f"{where}[{i}]", floats)]
     if isinstance(expected, bool) != isinstance(actual, bool):
         return [f"{where}: {json.dumps(expected)[:120]} != {json.dumps(actual)[:120]}"]
-    if (isinstance(expected, float) or isinstance(actual, float)) and not isinstance(expected, bool) \
-            and not isinstance(actual, bool) and isinstance(expected, (int, float)) and isinstance(actual, (int, float)):
+    if isinstance(expected, (int, float)) and isinstance(actual, (int, float)) and float in (type(expected), type(actual)):
         if math.isclose(expected, actual, rel_tol=make_golden.RTOL, abs_tol=make_golden.ATOL) or \
                 (math.isnan(expected) and math.isnan(actual)):
             return []

@@ -13,8 +13,8 @@ inside DIR with relative paths, and leaves there the files the test compares:
 
 How they are compared. Everything discrete (decisions, top-k ids and tokens, gold, exit
 layers, counts, names, options) must be equal bit for bit. Floating-point values are compared
-within RTOL/ATOL below: two x86 machines with the same packages (the one that made the digest
-and the CI machine) differ in the last bits of a float32 forward pass, because the math
+within RTOL/ATOL below: two x86 machines with the same packages (the one that made the second
+digest and the CI machine) differ in the last bits of a float32 forward pass, because the math
 libraries pick their kernels by CPU. Float columns and tensors are stored whole
 (`expected_floats.npz`, float32), the lens's tensors by per-layer statistics (STATS_ONLY).
 
@@ -127,7 +127,7 @@ def _float_values(column):
 
 
 def _tensor_stats(value):
-    """Per-layer statistics of a large tensor (layer first): sum of |x|, Frobenius norm, sum of
+    """Per-layer statistics of a tensor (layer first): sum of |x|, Frobenius norm, sum of
     the diagonal of each layer's square map (the identity's share), in float64."""
     import numpy as np
     layers = value.reshape(value.shape[0], -1).astype(np.float64)
@@ -154,7 +154,7 @@ def digest(out: Path) -> tuple[dict, dict]:
     """What the test compares, as (digest, floats). `digest`: JSON files whole (less VOLATILE
     keys); per table column a sha256 of its exact values, or for a float column
     `{"floats": KEY, "n": N}`; per tensor its shape and dtype with `{"floats": KEY}`. `floats`:
-    KEY -> the float32 values (or a large tensor's per-layer statistics) compared with tolerance."""
+    KEY -> the float32 values (or, for STATS_ONLY files, per-layer statistics) compared with tolerance."""
     import pyarrow.parquet as pq
     from safetensors.numpy import load_file
 
